@@ -1,0 +1,267 @@
+//! The assertion source: the projected service-account token that kubelet writes (and rotates
+//! in place) into the pod. It is re-read before every Entra exchange.
+//!
+//! The claims are decoded without checking the signature (Entra does that) so that the common
+//! mistakes — a missing mount, an expired token, the wrong audience — become errors naming the
+//! file and the fix, instead of an opaque AADSTS code from Entra.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// What went wrong with the token file. Messages name the file and say what to do; they never
+/// contain the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssertionError {
+    #[error(
+        "service-account token file {path} does not exist: mount a projected service-account \
+         token there (audience {audience}) or point --token-file / AZURE_FEDERATED_TOKEN_FILE at it"
+    )]
+    Missing { path: PathBuf, audience: String },
+    #[error("service-account token file {path} cannot be read: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error(
+        "service-account token file {path} is empty: kubelet has not written the projected token yet"
+    )]
+    Empty { path: PathBuf },
+    #[error("service-account token file {path} does not hold a JWT ({reason}): it must contain the projected service-account token and nothing else")]
+    Malformed { path: PathBuf, reason: String },
+    #[error(
+        "service-account token in {path} expired {ago}s ago (exp {exp}): kubelet should rotate it \
+         at 80% of its lifetime — check that the volume is a projected serviceAccountToken volume \
+         and that the node clock is right"
+    )]
+    Expired { path: PathBuf, exp: u64, ago: u64 },
+    #[error("service-account token in {path} is not valid before {nbf} (in {wait}s): check the node clock")]
+    NotYetValid { path: PathBuf, nbf: u64, wait: u64 },
+    #[error(
+        "service-account token in {path} has audience {found:?} but the federated credential \
+         expects {expected:?}: set the projected volume's audience to {expected:?} (or \
+         --token-audience to the audience of your federated credential)"
+    )]
+    WrongAudience {
+        path: PathBuf,
+        found: Vec<String>,
+        expected: String,
+    },
+}
+
+impl AssertionError {
+    /// True for conditions kubelet is expected to fix shortly (the file not written yet):
+    /// callers get "not ready, retry" rather than a hard failure.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            AssertionError::Missing { .. }
+                | AssertionError::Empty { .. }
+                | AssertionError::Unreadable { .. }
+                | AssertionError::Expired { .. }
+                | AssertionError::NotYetValid { .. }
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    aud: Audience,
+    exp: Option<u64>,
+    nbf: Option<u64>,
+}
+
+/// `aud` may be one string or a list (Kubernetes emits a list).
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+    #[default]
+    None,
+}
+
+impl Audience {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Audience::One(a) => vec![a],
+            Audience::Many(v) => v,
+            Audience::None => Vec::new(),
+        }
+    }
+}
+
+/// The projected token file and the audience it must carry.
+#[derive(Debug, Clone)]
+pub struct TokenFile {
+    path: PathBuf,
+    audience: String,
+}
+
+impl TokenFile {
+    pub fn new(path: impl Into<PathBuf>, audience: impl Into<String>) -> Self {
+        TokenFile {
+            path: path.into(),
+            audience: audience.into(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the token and checks its claims against the clock and the expected audience.
+    pub fn read(&self) -> Result<String, AssertionError> {
+        let raw = self.read_raw()?;
+        self.check_claims(&raw, now_unix())?;
+        Ok(raw)
+    }
+
+    /// Readiness: the file exists, is readable and non-empty. Claims are not checked, so a
+    /// misconfiguration shows up in the token response rather than as a pod that never starts.
+    pub fn check_readable(&self) -> Result<(), AssertionError> {
+        self.read_raw().map(|_| ())
+    }
+
+    fn read_raw(&self) -> Result<String, AssertionError> {
+        let path = self.path.clone();
+        let text = std::fs::read_to_string(&self.path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => AssertionError::Missing {
+                path: path.clone(),
+                audience: self.audience.clone(),
+            },
+            _ => AssertionError::Unreadable {
+                path: path.clone(),
+                reason: e.to_string(),
+            },
+        })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(AssertionError::Empty { path });
+        }
+        Ok(token.to_owned())
+    }
+
+    fn check_claims(&self, token: &str, now: u64) -> Result<(), AssertionError> {
+        let path = || self.path.clone();
+        let claims: Claims = jsonwebtoken::dangerous::insecure_decode_claims(token).map_err(|e| {
+            AssertionError::Malformed {
+                path: path(),
+                reason: e.to_string(),
+            }
+        })?;
+        if let Some(exp) = claims.exp {
+            if exp <= now {
+                return Err(AssertionError::Expired {
+                    path: path(),
+                    exp,
+                    ago: now - exp,
+                });
+            }
+        }
+        if let Some(nbf) = claims.nbf {
+            // Entra allows a few minutes of skew; so do we.
+            if nbf > now + 300 {
+                return Err(AssertionError::NotYetValid {
+                    path: path(),
+                    nbf,
+                    wait: nbf - now,
+                });
+            }
+        }
+        let found = claims.aud.into_vec();
+        if !found.iter().any(|a| a == &self.audience) {
+            return Err(AssertionError::WrongAudience {
+                path: path(),
+                found,
+                expected: self.audience.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+
+    fn jwt(claims: serde_json::Value) -> String {
+        let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let c = URL_SAFE_NO_PAD.encode(claims.to_string());
+        format!("{h}.{c}.c2ln")
+    }
+
+    fn file_with(content: &str) -> (tempfile::TempDir, TokenFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, content).unwrap();
+        (dir, TokenFile::new(path, "api://AzureADTokenExchange"))
+    }
+
+    #[test]
+    fn valid_token_is_returned_trimmed() {
+        let now = now_unix();
+        let t = jwt(serde_json::json!({"aud":["api://AzureADTokenExchange"],"exp":now+600}));
+        let (_d, f) = file_with(&format!("{t}\n"));
+        assert_eq!(f.read().unwrap(), t);
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let f = TokenFile::new("/nonexistent/token", "api://AzureADTokenExchange");
+        let e = f.read().unwrap_err();
+        assert!(matches!(e, AssertionError::Missing { .. }));
+        assert!(e.to_string().contains("/nonexistent/token"));
+        assert!(e.is_transient());
+    }
+
+    #[test]
+    fn empty_file_is_reported() {
+        let (_d, f) = file_with("  \n");
+        assert!(matches!(f.read().unwrap_err(), AssertionError::Empty { .. }));
+    }
+
+    #[test]
+    fn expired_token_is_reported_without_the_token() {
+        let now = now_unix();
+        let t = jwt(serde_json::json!({"aud":"api://AzureADTokenExchange","exp":now-30}));
+        let (_d, f) = file_with(&t);
+        let e = f.read().unwrap_err();
+        assert!(matches!(e, AssertionError::Expired { ago, .. } if ago >= 30));
+        assert!(!e.to_string().contains(&t));
+    }
+
+    #[test]
+    fn wrong_audience_names_both_audiences() {
+        let now = now_unix();
+        let t = jwt(serde_json::json!({"aud":["https://kubernetes.default.svc"],"exp":now+600}));
+        let (_d, f) = file_with(&t);
+        let e = f.read().unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("https://kubernetes.default.svc"), "{msg}");
+        assert!(msg.contains("api://AzureADTokenExchange"), "{msg}");
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let (_d, f) = file_with("not-a-jwt");
+        assert!(matches!(
+            f.read().unwrap_err(),
+            AssertionError::Malformed { .. }
+        ));
+    }
+
+    #[test]
+    fn readable_check_ignores_claims() {
+        let (_d, f) = file_with("not-a-jwt");
+        assert!(f.check_readable().is_ok());
+    }
+}

@@ -1,0 +1,331 @@
+//! Entra ID exchange through `azure_identity`'s `ClientAssertionCredential`: the projected
+//! service-account token is the client assertion of the federated credential.
+
+use super::{aadsts, scope_for, ExchangeError, Exchanger, Token};
+use crate::assertion::{now_unix, TokenFile};
+use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
+use azure_core::credentials::TokenCredential;
+use azure_core::error::ErrorKind;
+use azure_core::http::{ClientMethodOptions, ClientOptions, RetryOptions, Transport};
+use azure_identity::{ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Talks to `{authority}/{tenant}/oauth2/v2.0/token`.
+pub struct EntraExchanger {
+    tenant_id: String,
+    cloud: Arc<CloudConfiguration>,
+    transport: Transport,
+    token_file: TokenFile,
+}
+
+/// Settings for [`EntraExchanger::new`].
+pub struct EntraConfig<'a> {
+    pub tenant_id: &'a str,
+    pub authority_host: &'a str,
+    pub ca_file: Option<&'a Path>,
+    pub timeout: Duration,
+    pub token_file: TokenFile,
+}
+
+impl EntraExchanger {
+    pub fn new(config: EntraConfig<'_>) -> anyhow::Result<Self> {
+        let authority = url_checked(config.authority_host)?;
+        let mut http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("imds-broker/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(90));
+        if let Some(path) = config.ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("cannot read --ca-file / IMDS_BROKER_CA_FILE {}: {e}", path.display())
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                anyhow::anyhow!("--ca-file {} holds no usable PEM certificate: {e}", path.display())
+            })?;
+            if certs.is_empty() {
+                anyhow::bail!("--ca-file {} holds no PEM certificate", path.display());
+            }
+            // Merged with (not replacing) the system roots: a TLS-inspecting proxy's CA is
+            // added, the public CAs stay trusted.
+            http = http.tls_certs_merge(certs);
+        }
+        let http = http
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the HTTPS client for Entra: {e}"))?;
+        let mut custom = CustomConfiguration::default();
+        custom.authority_host = authority;
+        Ok(EntraExchanger {
+            tenant_id: config.tenant_id.to_owned(),
+            cloud: Arc::new(custom.into()),
+            transport: Transport::new(Arc::new(http)),
+            token_file: config.token_file,
+        })
+    }
+
+    fn credential(
+        &self,
+        client_id: &str,
+        assertion: String,
+    ) -> Result<Arc<ClientAssertionCredential<FixedAssertion>>, ExchangeError> {
+        let options = ClientAssertionCredentialOptions {
+            client_options: ClientOptions {
+                transport: Some(self.transport.clone()),
+                cloud: Some(self.cloud.clone()),
+                // The broker retries with its own policy (Retry-After gate, metrics, stale
+                // serving); retries inside the SDK would hide failures from it.
+                retry: RetryOptions::none(),
+                ..Default::default()
+            },
+        };
+        ClientAssertionCredential::new(
+            self.tenant_id.clone(),
+            client_id.to_owned(),
+            FixedAssertion(assertion),
+            Some(options),
+        )
+        .map_err(|e| ExchangeError::Permanent {
+            error: "invalid_configuration".into(),
+            code: String::new(),
+            description: e.to_string(),
+            hint: "check --tenant-id, --client-id and --authority-host".into(),
+        })
+    }
+
+    fn classify(&self, client_id: &str, err: azure_core::Error) -> ExchangeError {
+        // The credential wraps the pipeline's error in a Credential error; the HTTP details
+        // live in the inner one.
+        let inner = err.downcast_ref::<azure_core::Error>().unwrap_or(&err);
+        match inner.kind() {
+            ErrorKind::HttpResponse {
+                status,
+                raw_response,
+                ..
+            } => {
+                let status = u16::from(*status);
+                let body = raw_response
+                    .as_ref()
+                    .map(|r| String::from_utf8_lossy(r.body().as_ref()).into_owned())
+                    .unwrap_or_default();
+                let retry_after = raw_response
+                    .as_ref()
+                    .and_then(|r| retry_after(r.headers()));
+                if status == 408 || status == 429 || status >= 500 {
+                    return ExchangeError::Transient {
+                        message: format!("HTTP {status}{}", summary(&body)),
+                        retry_after,
+                    };
+                }
+                permanent_from_body(status, &body, client_id, &self.tenant_id)
+            }
+            _ => ExchangeError::Transient {
+                // Connection errors, timeouts, and answers that are not Entra JSON.
+                message: error_chain(&err),
+                retry_after: None,
+            },
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Exchanger for EntraExchanger {
+    async fn exchange(&self, client_id: &str, resource: &str) -> Result<Token, ExchangeError> {
+        // Re-read on every exchange: kubelet rotates the file in place.
+        let assertion = self.token_file.read()?;
+        // A fresh credential per exchange bypasses the SDK's own cache, which would hand back
+        // the same token until 300 s before expiry and defeat the broker's earlier refresh.
+        let credential = self.credential(client_id, assertion)?;
+        let scope = scope_for(resource);
+        let obtained = now_unix();
+        match credential.get_token(&[scope.as_str()], None).await {
+            Ok(t) => Ok(Token {
+                access_token: Arc::from(t.token.secret()),
+                expires_on: u64::try_from(t.expires_on.unix_timestamp()).unwrap_or(0),
+                not_before: obtained,
+            }),
+            Err(e) => Err(self.classify(client_id, e)),
+        }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.token_file.check_readable().map_err(|e| e.to_string())
+    }
+}
+
+/// The assertion read just before the exchange.
+#[derive(Clone)]
+struct FixedAssertion(String);
+
+impl std::fmt::Debug for FixedAssertion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FixedAssertion(<redacted>)")
+    }
+}
+
+#[async_trait::async_trait]
+impl ClientAssertion for FixedAssertion {
+    async fn secret(&self, _: Option<ClientMethodOptions<'_>>) -> azure_core::Result<String> {
+        Ok(self.0.clone())
+    }
+}
+
+fn url_checked(host: &str) -> anyhow::Result<String> {
+    let trimmed = host.trim_end_matches('/');
+    match trimmed.split_once("://") {
+        Some(("https", rest)) if !rest.is_empty() => Ok(trimmed.to_owned()),
+        _ => anyhow::bail!(
+            "--authority-host / AZURE_AUTHORITY_HOST {host:?} must be an https:// URL, e.g. \
+             https://login.microsoftonline.com"
+        ),
+    }
+}
+
+fn retry_after(headers: &azure_core::http::headers::Headers) -> Option<Duration> {
+    use azure_core::http::headers::HeaderName;
+    const MS: [&str; 2] = ["retry-after-ms", "x-ms-retry-after-ms"];
+    for name in MS {
+        if let Some(v) = headers.get_optional_str(&HeaderName::from_static(name)) {
+            if let Ok(ms) = v.trim().parse::<u64>() {
+                return Some(Duration::from_millis(ms));
+            }
+        }
+    }
+    let v = headers.get_optional_str(&HeaderName::from_static("retry-after"))?;
+    parse_retry_after(v)
+}
+
+/// `Retry-After` is delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate_parse(value)?;
+    Some(when.saturating_sub(Duration::from_secs(now_unix())))
+}
+
+/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) into time since the epoch.
+fn httpdate_parse(s: &str) -> Option<Duration> {
+    let fmt = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    let dt = time::PrimitiveDateTime::parse(s, &fmt).ok()?.assume_utc();
+    u64::try_from(dt.unix_timestamp()).ok().map(Duration::from_secs)
+}
+
+#[derive(serde::Deserialize, Default)]
+struct EntraError {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    error_description: String,
+    #[serde(default)]
+    error_codes: Vec<u32>,
+}
+
+fn permanent_from_body(status: u16, body: &str, client_id: &str, tenant_id: &str) -> ExchangeError {
+    let parsed: EntraError = serde_json::from_str(body).unwrap_or_default();
+    let code = parsed.error_codes.first().copied().or_else(|| code_in(&parsed.error_description));
+    let description = first_line(&parsed.error_description);
+    ExchangeError::Permanent {
+        error: if parsed.error.is_empty() {
+            format!("http_{status}")
+        } else {
+            parsed.error
+        },
+        code: code.map(|c| format!("AADSTS{c}")).unwrap_or_default(),
+        description: if description.is_empty() {
+            format!("HTTP {status}{}", summary(body))
+        } else {
+            description
+        },
+        hint: match code {
+            Some(c) => aadsts::hint(c, client_id, tenant_id),
+            None => "check the identity configuration (client id, tenant id, authority host)".into(),
+        },
+    }
+}
+
+/// The AADSTS number at the start of a description (`AADSTS70021: ...`).
+fn code_in(description: &str) -> Option<u32> {
+    let rest = description.strip_prefix("AADSTS")?;
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// Entra descriptions end with trace/correlation lines; the first line carries the meaning.
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_owned()
+}
+
+fn summary(body: &str) -> String {
+    let b = body.trim();
+    if b.is_empty() {
+        String::new()
+    } else {
+        let cut: String = b.chars().take(200).collect();
+        format!(": {cut}")
+    }
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn permanent_error_names_code_and_fix() {
+        let body = r#"{"error":"invalid_client","error_description":"AADSTS70021: No matching federated identity record found for presented assertion.\r\nTrace ID: x","error_codes":[70021]}"#;
+        match permanent_from_body(400, body, "cid", "tid") {
+            ExchangeError::Permanent { code, description, hint, error } => {
+                assert_eq!(code, "AADSTS70021");
+                assert_eq!(error, "invalid_client");
+                assert!(!description.contains("Trace ID"));
+                assert!(hint.contains("cid"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn code_from_description_when_codes_missing() {
+        let body = r#"{"error":"invalid_request","error_description":"AADSTS90002: Tenant 'x' not found."}"#;
+        match permanent_from_body(400, body, "cid", "tid") {
+            ExchangeError::Permanent { code, .. } => assert_eq!(code, "AADSTS90002"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn authority_must_be_https() {
+        assert!(url_checked("http://login.example").is_err());
+        assert_eq!(
+            url_checked("https://login.example/").unwrap(),
+            "https://login.example"
+        );
+    }
+}

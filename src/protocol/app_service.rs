@@ -1,0 +1,121 @@
+//! The App Service managed-identity endpoint (api-version 2019-08-01), selected by every SDK
+//! from `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` alone — no link-local address, no iptables.
+
+use super::{require_get, with_retry_after, ApiError, Query, TokenService, TokenView};
+use crate::broker::Selector;
+use crate::server::{json_response, Body};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use subtle::ConstantTimeEq;
+
+pub const API_VERSION: &str = "2019-08-01";
+
+const SELECTORS: &[(&str, fn(String) -> Selector)] = &[
+    ("client_id", Selector::ClientId),
+    ("principal_id", Selector::ObjectId),
+    ("object_id", Selector::ObjectId),
+    ("mi_res_id", Selector::ResourceId),
+    ("msi_res_id", Selector::ResourceId),
+];
+
+/// The shared secret callers must present. Not `Debug`-printable.
+#[derive(Clone)]
+pub struct IdentityHeader(Vec<u8>);
+
+impl IdentityHeader {
+    pub fn new(secret: &str) -> Option<Self> {
+        let s = secret.trim();
+        (!s.is_empty()).then(|| IdentityHeader(s.as_bytes().to_vec()))
+    }
+
+    /// Constant-time comparison, so response timing does not reveal the secret.
+    fn matches(&self, presented: &[u8]) -> bool {
+        self.0.ct_eq(presented).into()
+    }
+}
+
+pub async fn handle(
+    svc: &TokenService,
+    secret: &IdentityHeader,
+    req: &Request<Incoming>,
+) -> Response<Body> {
+    match serve(svc, secret, req).await {
+        Ok(body) => super::token_response(body),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn serve(
+    svc: &TokenService,
+    secret: &IdentityHeader,
+    req: &Request<Incoming>,
+) -> Result<String, ApiError> {
+    require_get(req)?;
+    match req.headers().get("x-identity-header") {
+        None => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Missing X-IDENTITY-HEADER: send the value of the IDENTITY_HEADER environment variable",
+            ))
+        }
+        Some(v) if !secret.matches(v.as_bytes()) => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "X-IDENTITY-HEADER does not match this broker's IDENTITY_HEADER",
+            ))
+        }
+        Some(_) => {}
+    }
+    let query = Query::parse(req.uri().query())?;
+    match query.get("api-version").map(str::trim) {
+        Some(API_VERSION) => {}
+        None | Some("") => {
+            return Err(ApiError::bad_request(format!(
+                "Required query variable 'api-version' is missing: use {API_VERSION}"
+            )))
+        }
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "Unsupported api-version '{v}': this endpoint implements {API_VERSION}"
+            )))
+        }
+    }
+    let resource = query.resource()?;
+    let selector = query.selector(SELECTORS)?;
+    let token = svc.token(&selector, resource).await?;
+    Ok(TokenView {
+        token: &token,
+        resource,
+        client_id: &svc.broker.identity().client_id,
+    }
+    .render())
+}
+
+/// The App Service error body is undocumented and clients disagree: MSAL Python reads
+/// `statusCode`/`message`, msal-node reads `error` and `error_description`/`message`.
+/// This body satisfies all of them.
+pub fn error_response(e: &ApiError) -> Response<Body> {
+    let body = serde_json::json!({
+        "statusCode": e.status.as_u16(),
+        "message": e.description,
+        "error": e.code,
+        "error_description": e.description,
+    });
+    with_retry_after(json_response(e.status, body.to_string()), e.retry_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_compare() {
+        let h = IdentityHeader::new("s3cret").unwrap();
+        assert!(h.matches(b"s3cret"));
+        assert!(!h.matches(b"s3cre"));
+        assert!(!h.matches(b"s3cret!"));
+        assert!(IdentityHeader::new("  ").is_none());
+    }
+}

@@ -1,0 +1,135 @@
+//! The IMDS managed-identity token endpoint, as Go and Rust SDKs call it at 169.254.169.254:
+//! `GET /metadata/identity/oauth2/token?api-version=…&resource=…` with `Metadata: true`.
+
+use super::{require_get, with_retry_after, ApiError, Query, TokenService, TokenView};
+use crate::broker::Selector;
+use crate::server::{json_response, Body};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+/// API versions of the IMDS identity endpoint (newest first, as IMDS lists them).
+pub const API_VERSIONS: &[&str] = &[
+    "2025-04-07",
+    "2024-07-17",
+    "2024-03-15",
+    "2023-11-15",
+    "2023-07-01",
+    "2022-11-01",
+    "2022-09-01",
+    "2022-08-01",
+    "2022-07-01",
+    "2022-03-01",
+    "2022-02-01",
+    "2021-12-13",
+    "2021-11-15",
+    "2021-11-01",
+    "2021-10-01",
+    "2021-08-01",
+    "2021-05-01",
+    "2021-03-01",
+    "2021-02-01",
+    "2021-01-01",
+    "2020-12-01",
+    "2020-10-01",
+    "2020-09-01",
+    "2020-07-15",
+    "2020-06-01",
+    "2019-11-01",
+    "2019-08-15",
+    "2019-08-01",
+    "2019-06-04",
+    "2019-06-01",
+    "2019-04-30",
+    "2019-03-11",
+    "2019-02-01",
+    "2018-10-01",
+    "2018-04-02",
+    "2018-02-01",
+];
+
+const SELECTORS: &[(&str, fn(String) -> Selector)] = &[
+    ("client_id", Selector::ClientId),
+    ("object_id", Selector::ObjectId),
+    ("principal_id", Selector::ObjectId),
+    ("msi_res_id", Selector::ResourceId),
+    // Older Go clients sent this name.
+    ("mi_res_id", Selector::ResourceId),
+];
+
+pub async fn handle(svc: &TokenService, req: &Request<Incoming>) -> Response<Body> {
+    match serve(svc, req).await {
+        Ok(body) => super::token_response(body),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn serve(svc: &TokenService, req: &Request<Incoming>) -> Result<String, ApiError> {
+    require_get(req)?;
+    // IMDS refuses proxied requests: a request that went through a proxy did not come from
+    // inside the pod.
+    if req.headers().contains_key("x-forwarded-for") {
+        return Err(ApiError::bad_request(
+            "Request contains an X-Forwarded-For header: proxied requests are refused",
+        ));
+    }
+    let metadata = req
+        .headers()
+        .get("metadata")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if !metadata {
+        return Err(ApiError::bad_request(
+            "Required metadata header not specified: send 'Metadata: true'",
+        ));
+    }
+    let query = Query::parse(req.uri().query())?;
+    check_api_version(query.get("api-version"))?;
+    let resource = query.resource()?;
+    let selector = query.selector(SELECTORS)?;
+    let token = svc.token(&selector, resource).await?;
+    Ok(TokenView {
+        token: &token,
+        resource,
+        client_id: &svc.broker.identity().client_id,
+    }
+    .render())
+}
+
+fn check_api_version(v: Option<&str>) -> Result<(), ApiError> {
+    let mut err = match v.map(str::trim) {
+        None | Some("") => ApiError::bad_request("Required query variable 'api-version' is missing"),
+        Some(v) if API_VERSIONS.contains(&v) => return Ok(()),
+        Some(v) => ApiError::bad_request(format!(
+            "Invalid version '{v}': see newest-versions for the supported ones"
+        )),
+    };
+    err.newest_versions = Some(&API_VERSIONS[..3]);
+    Err(err)
+}
+
+/// IMDS error body: `{"error": …, "error_description": …}` (+ `newest-versions`).
+pub fn error_response(e: &ApiError) -> Response<Body> {
+    let mut body = serde_json::json!({
+        "error": e.code,
+        "error_description": e.description,
+    });
+    if let Some(versions) = e.newest_versions {
+        body["newest-versions"] = serde_json::json!(versions);
+    }
+    with_retry_after(json_response(e.status, body.to_string()), e.retry_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_versions() {
+        assert!(check_api_version(Some("2018-02-01")).is_ok());
+        assert!(check_api_version(Some("2019-08-01")).is_ok());
+        let e = check_api_version(None).unwrap_err();
+        assert!(e.description.contains("api-version"));
+        assert!(e.newest_versions.is_some());
+        assert!(check_api_version(Some("2099-01-01")).is_err());
+    }
+}
