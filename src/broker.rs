@@ -21,8 +21,14 @@ use tokio::time::Instant;
 /// Most distinct resources cached at once; bounds memory and Entra calls when no allow-list
 /// restricts what a local process may ask for.
 const MAX_ENTRIES: usize = 64;
-/// A token this close to expiry is not handed out: it could expire in flight.
+/// A token this close to expiry is not handed out: it could expire in flight. Capped at a
+/// tenth of the lifetime so short-lived tokens stay usable.
 const EXPIRY_SKEW_SECS: u64 = 10;
+
+fn servable(t: &Token) -> bool {
+    let skew = EXPIRY_SKEW_SECS.min(t.expires_on.saturating_sub(t.not_before) / 10);
+    t.expires_on > now_unix() + skew
+}
 
 /// The identity this broker serves and how callers may name it.
 #[derive(Debug, Clone)]
@@ -214,7 +220,10 @@ impl Broker {
         };
         let (ok, named) = match selector {
             Selector::Default => (true, String::new()),
-            Selector::ClientId(c) => (c.eq_ignore_ascii_case(&id.client_id), format!("client_id {c}")),
+            Selector::ClientId(c) => (
+                c.eq_ignore_ascii_case(&id.client_id),
+                format!("client_id {c}"),
+            ),
             Selector::ObjectId(o) => (matches(&id.object_id, o), format!("object_id {o}")),
             Selector::ResourceId(r) => (matches(&id.resource_id, r), format!("resource id {r}")),
         };
@@ -262,7 +271,7 @@ impl Broker {
         let mut state = lock(&entry.state);
         state.last_used = now;
         let token = state.token.as_ref()?;
-        if token.expires_on <= now_unix() + EXPIRY_SKEW_SECS {
+        if !servable(token) {
             return None;
         }
         let token = token.clone();
@@ -279,11 +288,7 @@ impl Broker {
     /// A token still valid for handing out, without counting a cache lookup.
     fn usable(&self, entry: &Entry) -> Option<Arc<Token>> {
         let state = lock(&entry.state);
-        state
-            .token
-            .as_ref()
-            .filter(|t| t.expires_on > now_unix() + EXPIRY_SKEW_SECS)
-            .cloned()
+        state.token.as_ref().filter(|t| servable(t)).cloned()
     }
 
     fn entry(&self, resource: &str) -> Result<Arc<Entry>, BrokerError> {
@@ -323,7 +328,10 @@ impl Broker {
             if let Some(wait) = self.gate(entry) {
                 let recorded = lock(&entry.state).last_error.clone();
                 // Short waits (a retry backoff) are waited out; long ones answered at once.
-                if attempt == 0 || wait > self.retry.max_backoff || attempt >= self.retry.max_attempts {
+                if attempt == 0
+                    || wait > self.retry.max_backoff
+                    || attempt >= self.retry.max_attempts
+                {
                     return Err(recorded
                         .unwrap_or_else(|| unavailable("waiting to retry Entra".into(), wait))
                         .with_retry_after(wait));
@@ -368,10 +376,12 @@ impl Broker {
         match result {
             Ok(token) => {
                 self.metrics.entra(Outcome::success, elapsed);
-                let lifetime = token.expires_on.saturating_sub(now_unix());
+                let lifetime = remaining(token.expires_on);
                 let token = Arc::new(token);
                 state.token = Some(token.clone());
-                state.refresh_at = now + Duration::from_secs(lifetime / 2);
+                // Half-life: tokens handed out keep at least half their lifetime while Entra
+                // is healthy (what SDK clients expect before they refresh on their own).
+                state.refresh_at = now + lifetime / 2;
                 state.not_before = None;
                 state.last_error = None;
                 state.failures = 0;
@@ -381,7 +391,7 @@ impl Broker {
                     resource = %entry.resource,
                     client_id = %self.identity.client_id,
                     expires_on = token.expires_on,
-                    lifetime_s = lifetime,
+                    lifetime_s = lifetime.as_secs(),
                     latency_ms = (elapsed * 1000.0) as u64,
                     "token obtained"
                 );
@@ -513,6 +523,14 @@ impl Broker {
             }
         }
     }
+}
+
+/// Time until `expires_on` (Unix seconds), with sub-second precision.
+fn remaining(expires_on: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(expires_on).saturating_sub(now)
 }
 
 fn unavailable(message: String, wait: Duration) -> BrokerError {

@@ -98,9 +98,9 @@ impl Metrics {
             entra_calls.clone(),
         );
         // 5 ms .. ~20 s: Entra answers in tens of milliseconds, retries stretch it to seconds.
-        let entra_latency = Histogram::new(
-            [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0].into_iter(),
-        );
+        let entra_latency = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+        ]);
         registry.register(
             "entra_request_duration_seconds",
             "Latency of one token request to Entra ID",
@@ -133,7 +133,9 @@ impl Metrics {
     }
 
     pub fn entra(&self, outcome: Outcome, seconds: f64) {
-        self.entra_calls.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.entra_calls
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
         self.entra_latency.observe(seconds);
     }
 

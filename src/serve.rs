@@ -56,11 +56,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         token_listeners.push(server::bind(*addr, "token").await?);
     }
     let admin_listener = server::bind(args.admin_listen, "admin").await?;
+    // Logged as bound (port 0 resolves to the real port), for people and test harnesses.
+    let bound: Vec<String> = token_listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let admin_bound = admin_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
 
     let service = Arc::new(TokenService {
         broker: broker.clone(),
         metrics: metrics.clone(),
-        identity_header: args.identity_header.as_deref().and_then(IdentityHeader::new),
+        identity_header: args
+            .identity_header
+            .as_deref()
+            .and_then(IdentityHeader::new),
     });
     let admin = Admin {
         readiness: {
@@ -95,7 +108,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     Err(_) => imds::error_response(&ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         "timeout",
-                        format!("no token within {}s; Entra ID is slow or unreachable", timeout.as_secs()),
+                        format!(
+                            "no token within {}s; Entra ID is slow or unreachable",
+                            timeout.as_secs()
+                        ),
                     )),
                 }
             }
@@ -133,8 +149,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     tracing::info!(
-        listen = ?args.listen,
-        admin_listen = %args.admin_listen,
+        listen = %bound.join(","),
+        admin_listen = %admin_bound,
         app_service = service.identity_header.is_some(),
         emulate = args.emulate,
         client_id = %broker.identity().client_id,
@@ -177,7 +193,11 @@ fn exchanger(args: &ServeArgs) -> anyhow::Result<(Arc<dyn Exchanger>, String)> {
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| missing("the tenant ID", "--tenant-id", "AZURE_TENANT_ID"))?;
     let token_file = args.token_file.clone().ok_or_else(|| {
-        missing("the token file", "--token-file", "AZURE_FEDERATED_TOKEN_FILE")
+        missing(
+            "the token file",
+            "--token-file",
+            "AZURE_FEDERATED_TOKEN_FILE",
+        )
     })?;
     let exchanger = EntraExchanger::new(EntraConfig {
         tenant_id: tenant_id.trim(),

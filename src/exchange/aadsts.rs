@@ -33,7 +33,9 @@ pub fn hint(code: u32, client_id: &str, tenant_id: &str) -> String {
             "tenant {tenant_id} was not found: check AZURE_TENANT_ID, and that \
              AZURE_AUTHORITY_HOST points at the tenant's cloud (public, China, US Government)"
         ),
-        900023 | 90013 => format!("tenant id {tenant_id:?} is malformed: set AZURE_TENANT_ID to the directory GUID"),
+        900023 | 90013 => format!(
+            "tenant id {tenant_id:?} is malformed: set AZURE_TENANT_ID to the directory GUID"
+        ),
         700027 | 50013 | 7000215 | 50027 => "Entra could not validate the service-account token: \
              the cluster's OIDC issuer must be public and serve its signing keys (JWKS), and the \
              token file must hold the projected token"
@@ -41,8 +43,9 @@ pub fn hint(code: u32, client_id: &str, tenant_id: &str) -> String {
         500011 => "the requested resource is not registered in the tenant: check the resource \
                    URI the client asked for"
             .to_owned(),
-        70011 => "the requested scope is invalid: check the resource URI the client asked for"
-            .to_owned(),
+        70011 => {
+            "the requested scope is invalid: check the resource URI the client asked for".to_owned()
+        }
         7000112 | 7000222 | 700025 => format!(
             "app {client_id} is disabled or cannot use federated credentials: check it in Entra ID"
         ),

@@ -63,7 +63,10 @@ impl Exchanger for Emulator {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
         let claims = Claims {
             aud: resource,
-            iss: format!("https://sts.emulator.imds-broker.invalid/{}/", self.tenant_id),
+            iss: format!(
+                "https://sts.emulator.imds-broker.invalid/{}/",
+                self.tenant_id
+            ),
             sub: client_id,
             oid: client_id,
             appid: client_id,
@@ -103,14 +106,20 @@ mod tests {
     #[tokio::test]
     async fn issues_decodable_tokens_for_the_resource() {
         let e = Emulator::new("tenant", Duration::from_secs(3600)).unwrap();
-        let t = e.exchange("client", "https://storage.azure.com/").await.unwrap();
+        let t = e
+            .exchange("client", "https://storage.azure.com/")
+            .await
+            .unwrap();
         let claims: serde_json::Value =
             jsonwebtoken::dangerous::insecure_decode_claims(t.access_token.as_bytes()).unwrap();
         assert_eq!(claims["aud"], "https://storage.azure.com/");
         assert_eq!(claims["appid"], "client");
         assert_eq!(claims["imds_broker_emulated"], true);
         assert!(t.expires_on >= now_unix() + 3590);
-        let t2 = e.exchange("client", "https://storage.azure.com/").await.unwrap();
+        let t2 = e
+            .exchange("client", "https://storage.azure.com/")
+            .await
+            .unwrap();
         assert_ne!(t.access_token, t2.access_token);
     }
 }

@@ -5,11 +5,15 @@ use super::{aadsts, scope_for, ExchangeError, Exchanger, Token};
 use crate::assertion::{now_unix, TokenFile};
 use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
 use azure_core::credentials::TokenCredential;
-use azure_core::error::ErrorKind;
-use azure_core::http::{ClientMethodOptions, ClientOptions, RetryOptions, Transport};
-use azure_identity::{ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions};
+use azure_core::http::policies::{Policy, PolicyResult};
+use azure_core::http::{
+    AsyncRawResponse, ClientMethodOptions, ClientOptions, Context, Request, RetryOptions, Transport,
+};
+use azure_identity::{
+    ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions,
+};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Talks to `{authority}/{tenant}/oauth2/v2.0/token`.
@@ -39,10 +43,16 @@ impl EntraExchanger {
             .pool_idle_timeout(Duration::from_secs(90));
         if let Some(path) = config.ca_file {
             let pem = std::fs::read(path).map_err(|e| {
-                anyhow::anyhow!("cannot read --ca-file / IMDS_BROKER_CA_FILE {}: {e}", path.display())
+                anyhow::anyhow!(
+                    "cannot read --ca-file / IMDS_BROKER_CA_FILE {}: {e}",
+                    path.display()
+                )
             })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                anyhow::anyhow!("--ca-file {} holds no usable PEM certificate: {e}", path.display())
+                anyhow::anyhow!(
+                    "--ca-file {} holds no usable PEM certificate: {e}",
+                    path.display()
+                )
             })?;
             if certs.is_empty() {
                 anyhow::bail!("--ca-file {} holds no PEM certificate", path.display());
@@ -68,11 +78,13 @@ impl EntraExchanger {
         &self,
         client_id: &str,
         assertion: String,
+        capture: Arc<ErrorCapture>,
     ) -> Result<Arc<ClientAssertionCredential<FixedAssertion>>, ExchangeError> {
         let options = ClientAssertionCredentialOptions {
             client_options: ClientOptions {
                 transport: Some(self.transport.clone()),
                 cloud: Some(self.cloud.clone()),
+                per_try_policies: vec![capture],
                 // The broker retries with its own policy (Retry-After gate, metrics, stale
                 // serving); retries inside the SDK would hide failures from it.
                 retry: RetryOptions::none(),
@@ -93,38 +105,72 @@ impl EntraExchanger {
         })
     }
 
-    fn classify(&self, client_id: &str, err: azure_core::Error) -> ExchangeError {
-        // The credential wraps the pipeline's error in a Credential error; the HTTP details
-        // live in the inner one.
-        let inner = err.downcast_ref::<azure_core::Error>().unwrap_or(&err);
-        match inner.kind() {
-            ErrorKind::HttpResponse {
-                status,
-                raw_response,
-                ..
-            } => {
-                let status = u16::from(*status);
-                let body = raw_response
-                    .as_ref()
-                    .map(|r| String::from_utf8_lossy(r.body().as_ref()).into_owned())
-                    .unwrap_or_default();
-                let retry_after = raw_response
-                    .as_ref()
-                    .and_then(|r| retry_after(r.headers()));
-                if status == 408 || status == 429 || status >= 500 {
-                    return ExchangeError::Transient {
-                        message: format!("HTTP {status}{}", summary(&body)),
-                        retry_after,
-                    };
-                }
-                permanent_from_body(status, &body, client_id, &self.tenant_id)
-            }
-            _ => ExchangeError::Transient {
-                // Connection errors, timeouts, and answers that are not Entra JSON.
-                message: error_chain(&err),
+    /// Classifies a failed exchange from the raw error response when there was one. The SDK's
+    /// own error is not enough: azure_identity 1.0 parses Entra's error body into borrowed
+    /// strings, which fails on the `\r\n` every real `error_description` contains, turning
+    /// each AADSTS error into an opaque "invalid type" error without status or Retry-After.
+    fn classify(
+        &self,
+        client_id: &str,
+        err: &azure_core::Error,
+        captured: Option<Captured>,
+    ) -> ExchangeError {
+        let Some(resp) = captured else {
+            // No HTTP answer: connection refused/reset, timeout, TLS failure.
+            return ExchangeError::Transient {
+                message: error_chain(err),
                 retry_after: None,
-            },
+            };
+        };
+        if resp.status == 408 || resp.status == 429 || resp.status >= 500 {
+            return ExchangeError::Transient {
+                message: format!("HTTP {}{}", resp.status, summary(&resp.body)),
+                retry_after: resp.retry_after,
+            };
         }
+        permanent_from_body(resp.status, &resp.body, client_id, &self.tenant_id)
+    }
+}
+
+/// An Entra error response, as received.
+#[derive(Debug, Clone)]
+struct Captured {
+    status: u16,
+    retry_after: Option<Duration>,
+    body: String,
+}
+
+/// Pipeline policy that records the last non-success response of one exchange (buffering its
+/// small body and handing an identical response on to the SDK).
+#[derive(Debug, Default)]
+struct ErrorCapture(Mutex<Option<Captured>>);
+
+impl ErrorCapture {
+    fn take(&self) -> Option<Captured> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+#[async_trait::async_trait]
+impl Policy for ErrorCapture {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        let resp = next[0].send(ctx, request, &next[1..]).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let (status, headers, body) = resp.deconstruct();
+        let bytes = body.collect().await?;
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Captured {
+            status: u16::from(status),
+            retry_after: retry_after(&headers),
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        });
+        Ok(AsyncRawResponse::from_bytes(status, headers, bytes))
     }
 }
 
@@ -135,7 +181,8 @@ impl Exchanger for EntraExchanger {
         let assertion = self.token_file.read()?;
         // A fresh credential per exchange bypasses the SDK's own cache, which would hand back
         // the same token until 300 s before expiry and defeat the broker's earlier refresh.
-        let credential = self.credential(client_id, assertion)?;
+        let capture = Arc::new(ErrorCapture::default());
+        let credential = self.credential(client_id, assertion, capture.clone())?;
         let scope = scope_for(resource);
         let obtained = now_unix();
         match credential.get_token(&[scope.as_str()], None).await {
@@ -144,7 +191,7 @@ impl Exchanger for EntraExchanger {
                 expires_on: u64::try_from(t.expires_on.unix_timestamp()).unwrap_or(0),
                 not_before: obtained,
             }),
-            Err(e) => Err(self.classify(client_id, e)),
+            Err(e) => Err(self.classify(client_id, &e, capture.take())),
         }
     }
 
@@ -211,7 +258,9 @@ fn httpdate_parse(s: &str) -> Option<Duration> {
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );
     let dt = time::PrimitiveDateTime::parse(s, &fmt).ok()?.assume_utc();
-    u64::try_from(dt.unix_timestamp()).ok().map(Duration::from_secs)
+    u64::try_from(dt.unix_timestamp())
+        .ok()
+        .map(Duration::from_secs)
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -226,7 +275,11 @@ struct EntraError {
 
 fn permanent_from_body(status: u16, body: &str, client_id: &str, tenant_id: &str) -> ExchangeError {
     let parsed: EntraError = serde_json::from_str(body).unwrap_or_default();
-    let code = parsed.error_codes.first().copied().or_else(|| code_in(&parsed.error_description));
+    let code = parsed
+        .error_codes
+        .first()
+        .copied()
+        .or_else(|| code_in(&parsed.error_description));
     let description = first_line(&parsed.error_description);
     ExchangeError::Permanent {
         error: if parsed.error.is_empty() {
@@ -242,7 +295,9 @@ fn permanent_from_body(status: u16, body: &str, client_id: &str, tenant_id: &str
         },
         hint: match code {
             Some(c) => aadsts::hint(c, client_id, tenant_id),
-            None => "check the identity configuration (client id, tenant id, authority host)".into(),
+            None => {
+                "check the identity configuration (client id, tenant id, authority host)".into()
+            }
         },
     }
 }
@@ -301,7 +356,12 @@ mod tests {
     fn permanent_error_names_code_and_fix() {
         let body = r#"{"error":"invalid_client","error_description":"AADSTS70021: No matching federated identity record found for presented assertion.\r\nTrace ID: x","error_codes":[70021]}"#;
         match permanent_from_body(400, body, "cid", "tid") {
-            ExchangeError::Permanent { code, description, hint, error } => {
+            ExchangeError::Permanent {
+                code,
+                description,
+                hint,
+                error,
+            } => {
                 assert_eq!(code, "AADSTS70021");
                 assert_eq!(error, "invalid_client");
                 assert!(!description.contains("Trace ID"));

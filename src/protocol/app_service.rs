@@ -1,7 +1,9 @@
 //! The App Service managed-identity endpoint (api-version 2019-08-01), selected by every SDK
 //! from `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` alone — no link-local address, no iptables.
 
-use super::{require_get, with_retry_after, ApiError, Query, TokenService, TokenView};
+use super::{
+    require_get, with_retry_after, ApiError, Query, SelectorParam, TokenService, TokenView,
+};
 use crate::broker::Selector;
 use crate::server::{json_response, Body};
 use hyper::body::Incoming;
@@ -10,7 +12,7 @@ use subtle::ConstantTimeEq;
 
 pub const API_VERSION: &str = "2019-08-01";
 
-const SELECTORS: &[(&str, fn(String) -> Selector)] = &[
+const SELECTORS: &[SelectorParam] = &[
     ("client_id", Selector::ClientId),
     ("principal_id", Selector::ObjectId),
     ("object_id", Selector::ObjectId),
@@ -52,13 +54,11 @@ async fn serve(
 ) -> Result<String, ApiError> {
     require_get(req)?;
     match req.headers().get("x-identity-header") {
-        None => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "Missing X-IDENTITY-HEADER: send the value of the IDENTITY_HEADER environment variable",
-            ))
-        }
+        None => return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Missing X-IDENTITY-HEADER: send the value of the IDENTITY_HEADER environment variable",
+        )),
         Some(v) if !secret.matches(v.as_bytes()) => {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,

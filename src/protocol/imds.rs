@@ -1,7 +1,9 @@
 //! The IMDS managed-identity token endpoint, as Go and Rust SDKs call it at 169.254.169.254:
 //! `GET /metadata/identity/oauth2/token?api-version=…&resource=…` with `Metadata: true`.
 
-use super::{require_get, with_retry_after, ApiError, Query, TokenService, TokenView};
+use super::{
+    require_get, with_retry_after, ApiError, Query, SelectorParam, TokenService, TokenView,
+};
 use crate::broker::Selector;
 use crate::server::{json_response, Body};
 use hyper::body::Incoming;
@@ -47,7 +49,7 @@ pub const API_VERSIONS: &[&str] = &[
     "2018-02-01",
 ];
 
-const SELECTORS: &[(&str, fn(String) -> Selector)] = &[
+const SELECTORS: &[SelectorParam] = &[
     ("client_id", Selector::ClientId),
     ("object_id", Selector::ObjectId),
     ("principal_id", Selector::ObjectId),
@@ -97,7 +99,9 @@ async fn serve(svc: &TokenService, req: &Request<Incoming>) -> Result<String, Ap
 
 fn check_api_version(v: Option<&str>) -> Result<(), ApiError> {
     let mut err = match v.map(str::trim) {
-        None | Some("") => ApiError::bad_request("Required query variable 'api-version' is missing"),
+        None | Some("") => {
+            ApiError::bad_request("Required query variable 'api-version' is missing")
+        }
         Some(v) if API_VERSIONS.contains(&v) => return Ok(()),
         Some(v) => ApiError::bad_request(format!(
             "Invalid version '{v}': see newest-versions for the supported ones"

@@ -21,6 +21,9 @@ use std::time::Duration;
 pub const IMDS_TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
 pub const APP_SERVICE_TOKEN_PATH: &str = "/msi/token";
 
+/// A query parameter that selects an identity, and how it names it.
+pub type SelectorParam = (&'static str, fn(String) -> Selector);
+
 /// A protocol-level error: HTTP status, OAuth-style code, description, optional Retry-After.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -104,10 +107,7 @@ impl Query {
 
     /// The identity selector among `names` (each paired with its meaning). More than one
     /// non-empty selector is ambiguous; an empty `client_id=` means the default identity.
-    pub fn selector(
-        &self,
-        names: &[(&str, fn(String) -> Selector)],
-    ) -> Result<Selector, ApiError> {
+    pub fn selector(&self, names: &[SelectorParam]) -> Result<Selector, ApiError> {
         let mut found: Option<(&str, Selector)> = None;
         for (name, make) in names {
             if let Some(v) = self.get(name).map(str::trim).filter(|v| !v.is_empty()) {
@@ -167,8 +167,7 @@ impl TokenView<'_> {
 
 fn push_json_str(out: &mut String, s: &str) {
     // Tokens and GUIDs need no escaping; anything else goes through serde_json.
-    if s
-        .bytes()
+    if s.bytes()
         .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     {
         out.push('"');
@@ -228,11 +227,7 @@ impl TokenService {
     }
 
     /// Broker lookup shared by both protocols.
-    pub async fn token(
-        &self,
-        selector: &Selector,
-        resource: &str,
-    ) -> Result<Arc<Token>, ApiError> {
+    pub async fn token(&self, selector: &Selector, resource: &str) -> Result<Arc<Token>, ApiError> {
         self.broker
             .token(selector, resource)
             .await
@@ -279,7 +274,10 @@ pub fn require_get(req: &Request<Incoming>) -> Result<(), ApiError> {
         Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            format!("{} is not supported on token endpoints: use GET", req.method()),
+            format!(
+                "{} is not supported on token endpoints: use GET",
+                req.method()
+            ),
         ))
     }
 }
@@ -303,16 +301,15 @@ mod tests {
     #[test]
     fn empty_client_id_means_default() {
         let q = Query::parse(Some("resource=r&client_id=")).unwrap();
-        let s = q
-            .selector(&[("client_id", Selector::ClientId as fn(String) -> Selector)])
-            .unwrap();
+        let names: [SelectorParam; 1] = [("client_id", Selector::ClientId)];
+        let s = q.selector(&names).unwrap();
         assert_eq!(s, Selector::Default);
     }
 
     #[test]
     fn two_selectors_are_ambiguous() {
         let q = Query::parse(Some("resource=r&client_id=a&object_id=b")).unwrap();
-        let names: [(&str, fn(String) -> Selector); 2] = [
+        let names: [SelectorParam; 2] = [
             ("client_id", Selector::ClientId),
             ("object_id", Selector::ObjectId),
         ];

@@ -1,0 +1,372 @@
+//! Runs the real `imds-broker serve` binary for end-to-end tests: ephemeral ports (read back
+//! from the broker's "listening" log line, so there is no port race), captured JSON logs, and
+//! helpers for both protocols.
+#![allow(dead_code)]
+
+use super::fake_entra::FakeEntra;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub const STORAGE: &str = "https://storage.azure.com/";
+pub const ARM: &str = "https://management.azure.com/";
+pub const IDENTITY_HEADER: &str = "test-identity-header-5ecr3t";
+
+/// Builder for a broker process.
+pub struct BrokerBuilder {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    identity_header: Option<String>,
+    rust_log: String,
+}
+
+impl BrokerBuilder {
+    /// A broker on the built-in emulator.
+    pub fn emulate() -> Self {
+        BrokerBuilder {
+            args: vec!["--emulate".into()],
+            env: Vec::new(),
+            identity_header: Some(IDENTITY_HEADER.into()),
+            rust_log: "info".into(),
+        }
+    }
+
+    /// A broker exchanging with `fake` using the token file at `token_file`. Fast retry
+    /// settings keep failure tests short; tests that need others override them.
+    pub fn entra(fake: &FakeEntra, token_file: &Path) -> Self {
+        BrokerBuilder {
+            args: vec![
+                "--client-id".into(),
+                fake.client_id(),
+                "--tenant-id".into(),
+                fake.tenant_id(),
+                "--authority-host".into(),
+                fake.authority(),
+                "--ca-file".into(),
+                fake.ca_file().display().to_string(),
+                "--token-file".into(),
+                token_file.display().to_string(),
+                "--retry-initial-backoff".into(),
+                "50ms".into(),
+                "--retry-max-backoff".into(),
+                "3s".into(),
+                "--entra-timeout".into(),
+                "3s".into(),
+            ],
+            env: Vec::new(),
+            identity_header: Some(IDENTITY_HEADER.into()),
+            rust_log: "info".into(),
+        }
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn no_identity_header(mut self) -> Self {
+        self.identity_header = None;
+        self
+    }
+
+    pub fn rust_log(mut self, level: impl Into<String>) -> Self {
+        self.rust_log = level.into();
+        self
+    }
+
+    /// Starts the broker and waits for its "listening" log line (an event, not a sleep).
+    pub async fn spawn(self) -> Broker {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imds-broker"));
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(&self.args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", &self.rust_log)
+            .env("IMDS_BROKER_LOG_FORMAT", "json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(h) = &self.identity_header {
+            cmd.env("IDENTITY_HEADER", h);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn imds-broker");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let logs = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (tx, mut rx) = watch::channel(0usize);
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    let mut l = logs.lock().unwrap();
+                    l.push(line);
+                    let n = l.len();
+                    drop(l);
+                    tx.send_replace(n);
+                }
+                // Closing the channel tells waiters the process is gone.
+            });
+        }
+        let mut seen = 0;
+        let listening = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                {
+                    let lines = logs.lock().unwrap();
+                    for line in &lines[seen..] {
+                        if let Ok(v) = serde_json::from_str::<Value>(line) {
+                            if v["message"] == "imds-broker listening" {
+                                return Some(v);
+                            }
+                        }
+                    }
+                    seen = lines.len();
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        let line = match listening {
+            Ok(Some(v)) => v,
+            other => {
+                let _ = child.kill();
+                panic!(
+                    "broker did not start ({}); logs:\n{}",
+                    if other.is_err() { "timeout" } else { "exited" },
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let token_addr: SocketAddr = line["listen"]
+            .as_str()
+            .and_then(|s| s.split(',').next())
+            .and_then(|s| s.parse().ok())
+            .expect("listen address in log line");
+        let admin_addr: SocketAddr = line["admin_listen"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("admin address in log line");
+        Broker {
+            child,
+            token_addr,
+            admin_addr,
+            logs,
+            log_events: rx,
+            identity_header: self.identity_header,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+}
+
+/// A response: status, Retry-After header, JSON body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: Value,
+    pub raw: String,
+}
+
+impl Reply {
+    pub fn field(&self, name: &str) -> &str {
+        self.body[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("field {name} missing or not a string in {}", self.raw))
+    }
+
+    pub fn description(&self) -> String {
+        self.body["error_description"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+pub struct Broker {
+    child: Child,
+    pub token_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+    log_events: watch::Receiver<usize>,
+    pub identity_header: Option<String>,
+    pub http: reqwest::Client,
+}
+
+impl Broker {
+    pub fn imds_url(&self, query: &str) -> String {
+        format!(
+            "http://{}/metadata/identity/oauth2/token?{query}",
+            self.token_addr
+        )
+    }
+
+    pub fn app_service_url(&self, query: &str) -> String {
+        format!("http://{}/msi/token?{query}", self.token_addr)
+    }
+
+    /// IMDS request with `Metadata: true`.
+    pub async fn imds(&self, query: &str) -> Reply {
+        self.get(&self.imds_url(query), &[("Metadata", "true")])
+            .await
+    }
+
+    /// IMDS query for `resource` with api-version 2018-02-01.
+    pub async fn imds_token(&self, resource: &str) -> Reply {
+        self.imds(&format!(
+            "api-version=2018-02-01&resource={}",
+            enc(resource)
+        ))
+        .await
+    }
+
+    /// App Service request with the right identity header.
+    pub async fn app_service(&self, query: &str) -> Reply {
+        let h = self.identity_header.clone().expect("identity header set");
+        self.get(&self.app_service_url(query), &[("X-IDENTITY-HEADER", &h)])
+            .await
+    }
+
+    pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self.http.get(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("request to broker");
+        reply(resp).await
+    }
+
+    pub async fn admin(&self, path: &str) -> (u16, String) {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.admin_addr))
+            .send()
+            .await
+            .expect("admin request");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    }
+
+    /// The value of one metric sample line (`name{labels}`), 0 if absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (_, text) = self.admin("/metrics").await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub async fn wait_log(&mut self, needle: &str, timeout: Duration) -> bool {
+        let logs = self.logs.clone();
+        let rx = &mut self.log_events;
+        tokio::time::timeout(timeout, async {
+            loop {
+                if logs.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return logs.lock().unwrap().iter().any(|l| l.contains(needle));
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit (blocking wait on a helper thread).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            // Child exit has no async event in std; poll at a short interval, bounded.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn reply(resp: reqwest::Response) -> Reply {
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let raw = resp.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&raw).unwrap_or(Value::Null);
+    Reply {
+        status,
+        retry_after,
+        body,
+        raw,
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A temp dir with a valid token file minted by the fake's issuer.
+pub fn token_dir(fake: &FakeEntra) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("token");
+    fake.issuer()
+        .write_to(&path)
+        .expect("write service-account token");
+    (dir, path)
+}

@@ -1,0 +1,174 @@
+//! Test PKI: a throw-away CA and a `localhost` / `127.0.0.1` server certificate signed by it.
+//!
+//! The CA certificate is written to a file so a spawned broker can be told to trust it with
+//! `--ca-file PATH`; nothing here touches the system trust store.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// Names the server certificate is valid for. Entra's authority is given to the broker as
+/// `https://localhost:PORT`; the IP form is there for clients that dial the address directly.
+pub const SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
+
+/// A CA plus one server certificate, with PEM files in a private temp dir that lives as long as
+/// this value.
+pub struct TestPki {
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    server_cert_pem: String,
+    server_cert_der: CertificateDer<'static>,
+    server_key_der: PrivatePkcs8KeyDer<'static>,
+    ca_file: PathBuf,
+    server_cert_file: PathBuf,
+    server_key_file: PathBuf,
+    // Kept for its Drop: removes the PEM files.
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// Generates a fresh CA and server certificate (ECDSA P-256, fast) and writes
+    /// `ca.pem`, `server.pem` and `server-key.pem` into a new temp dir.
+    ///
+    /// Panics with context on failure: this is test set-up, there is nothing to recover.
+    pub fn new() -> Self {
+        let ca_key = KeyPair::generate().expect("test PKI: generate CA key");
+        let mut ca_params =
+            CertificateParams::new(Vec::<String>::new()).expect("test PKI: CA certificate params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name = dn("imds-broker test CA");
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params
+            .self_signed(&ca_key)
+            .expect("test PKI: self-sign CA certificate");
+        let ca = Issuer::new(ca_params, ca_key);
+
+        let server_key = KeyPair::generate().expect("test PKI: generate server key");
+        let mut server_params = CertificateParams::new(
+            SERVER_NAMES
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .expect("test PKI: server certificate params");
+        server_params.distinguished_name = dn("localhost");
+        server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_cert = server_params
+            .signed_by(&server_key, &ca)
+            .expect("test PKI: sign server certificate");
+
+        let dir = tempfile::Builder::new()
+            .prefix("imds-broker-test-pki-")
+            .tempdir()
+            .expect("test PKI: create temp dir");
+        let ca_file = dir.path().join("ca.pem");
+        let server_cert_file = dir.path().join("server.pem");
+        let server_key_file = dir.path().join("server-key.pem");
+        let server_key_pem = server_key.serialize_pem();
+        for (path, contents) in [
+            (&ca_file, ca_cert.pem()),
+            (&server_cert_file, server_cert.pem()),
+            (&server_key_file, server_key_pem),
+        ] {
+            std::fs::write(path, contents)
+                .unwrap_or_else(|e| panic!("test PKI: write {}: {e}", path.display()));
+        }
+
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            ca_der: ca_cert.der().clone(),
+            server_cert_pem: server_cert.pem(),
+            server_cert_der: server_cert.der().clone(),
+            server_key_der: PrivatePkcs8KeyDer::from(server_key.serialize_der()),
+            ca_file,
+            server_cert_file,
+            server_key_file,
+            dir,
+        }
+    }
+
+    /// CA certificate, PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// CA certificate, DER.
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca_der
+    }
+
+    /// Path of the CA PEM file (what the broker gets as `--ca-file`).
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    /// Server certificate (leaf only), PEM.
+    pub fn server_cert_pem(&self) -> &str {
+        &self.server_cert_pem
+    }
+
+    /// Path of the server certificate PEM file (for TLS servers under test, e.g. the webhook).
+    pub fn server_cert_file(&self) -> &Path {
+        &self.server_cert_file
+    }
+
+    /// Path of the server private key PEM file (PKCS#8).
+    pub fn server_key_file(&self) -> &Path {
+        &self.server_key_file
+    }
+
+    /// The temp dir holding the PEM files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A rustls server config presenting the server certificate, HTTP/1.1 only (the ALPN
+    /// answer keeps clients that offer h2 on HTTP/1.1, which is all the fake speaks).
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let key = PrivateKeyDer::Pkcs8(self.server_key_der.clone_key());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("test PKI: rustls protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![self.server_cert_der.clone()], key)
+            .expect("test PKI: rustls server certificate");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    /// A reqwest client that trusts only this CA (not the system roots), so a test proves the
+    /// chain is actually used.
+    pub fn reqwest_client(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_der(self.ca_der.as_ref())
+            .expect("test PKI: CA certificate for reqwest");
+        reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .build()
+            .expect("test PKI: build reqwest client")
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "imds-broker tests");
+    dn
+}
