@@ -48,7 +48,11 @@ async fn rust_managed_identity_credential_gets_tokens_from_app_service_endpoint(
             expected
         );
     }
-    assert_eq!(fake.calls(), 1, "the second credential was served from the cache");
+    assert_eq!(
+        fake.calls(),
+        1,
+        "the second credential was served from the cache"
+    );
 
     // An identity this pod does not have: a clear failure, no Entra call.
     let err = credential(Some(UserAssignedId::ClientId(
@@ -71,6 +75,9 @@ async fn rust_managed_identity_credential_gets_tokens_from_app_service_endpoint(
         .await
         .expect_err("refused resource");
     assert!(err.to_string().contains("not allowed"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5), "403 is not retried");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "403 is not retried"
+    );
     assert_eq!(fake.calls(), 1);
 }
