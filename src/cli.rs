@@ -17,7 +17,12 @@ use std::time::Duration;
 pub struct Cli {
     /// Log format: `json` (one object per line, for log pipelines) or `text` (for humans).
     /// The level is set with RUST_LOG (default `info`).
-    #[arg(long, global = true, env = "IMDS_BROKER_LOG_FORMAT", default_value = "json")]
+    #[arg(
+        long,
+        global = true,
+        env = "IMDS_BROKER_LOG_FORMAT",
+        default_value = "json"
+    )]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
@@ -63,7 +68,11 @@ pub struct ServeArgs {
 
     /// Projected service-account token used as the federated client assertion. Re-read
     /// before every Entra exchange because kubelet rotates it in place.
-    #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE", required_unless_present = "emulate")]
+    #[arg(
+        long,
+        env = "AZURE_FEDERATED_TOKEN_FILE",
+        required_unless_present = "emulate"
+    )]
     pub token_file: Option<PathBuf>,
 
     /// Audience the service-account token must carry (the federated credential's audience).
@@ -113,8 +122,13 @@ pub struct ServeArgs {
     pub resource_id: Option<String>,
 
     /// Serve only these resources (repeatable; env comma-separated). Default: any resource.
-    /// A data mover needs only https://storage.azure.com/ and https://management.azure.com/.
-    #[arg(long = "allow-resource", env = "IMDS_BROKER_ALLOW_RESOURCES", value_delimiter = ',')]
+    /// A Velero data mover needs only https://storage.azure.com/ (useAAD) and
+    /// https://management.core.windows.net/ (storage account keys).
+    #[arg(
+        long = "allow-resource",
+        env = "IMDS_BROKER_ALLOW_RESOURCES",
+        value_delimiter = ','
+    )]
     pub allow_resources: Vec<String>,
 
     /// Fetch a token for this resource at start-up (repeatable; env comma-separated).
