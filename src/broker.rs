@@ -300,6 +300,11 @@ impl Broker {
             return Ok(e.clone());
         }
         if entries.len() >= MAX_ENTRIES {
+            // Entries that never obtained a token (refused or failing resources) go first, so
+            // junk requests cannot crowd out real ones. Waiters keep their own Arc.
+            entries.retain(|_, e| lock(&e.state).token.is_some());
+        }
+        if entries.len() >= MAX_ENTRIES {
             return Err(BrokerError::TooManyResources(MAX_ENTRIES));
         }
         let now = Instant::now();

@@ -839,3 +839,84 @@ async fn bad_configuration_fails_fast_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("https://"));
 }
+
+/// A minimal HTTP CONNECT proxy that counts tunnels (enterprise egress proxies work this way).
+async fn connect_proxy() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tunnels = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = tunnels.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if client.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head);
+                let Some(target) = head
+                    .lines()
+                    .next()
+                    .and_then(|l| l.strip_prefix("CONNECT "))
+                    .and_then(|l| l.split(' ').next())
+                else {
+                    return;
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                if client
+                    .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    .await
+                    .is_ok()
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    (addr, tunnels)
+}
+
+#[tokio::test]
+async fn https_proxy_and_no_proxy_are_honoured_for_entra() {
+    use std::sync::atomic::Ordering;
+    let fake = FakeEntra::start();
+    let (_dir, tf) = token_dir(&fake);
+    let (proxy, tunnels) = connect_proxy().await;
+    let broker = BrokerBuilder::entra(&fake, &tf)
+        .env("HTTPS_PROXY", format!("http://{proxy}"))
+        .spawn()
+        .await;
+    let r = broker.imds_token(STORAGE).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        tunnels.load(Ordering::SeqCst),
+        1,
+        "Entra was reached through the proxy"
+    );
+
+    let (proxy2, tunnels2) = connect_proxy().await;
+    let broker = BrokerBuilder::entra(&fake, &tf)
+        .env("HTTPS_PROXY", format!("http://{proxy2}"))
+        .env("NO_PROXY", "localhost")
+        .spawn()
+        .await;
+    assert_eq!(broker.imds_token(STORAGE).await.status, 200);
+    assert_eq!(
+        tunnels2.load(Ordering::SeqCst),
+        0,
+        "NO_PROXY bypasses the proxy"
+    );
+}
