@@ -142,12 +142,13 @@ impl TokenFile {
 
     fn check_claims(&self, token: &str, now: u64) -> Result<(), AssertionError> {
         let path = || self.path.clone();
-        let claims: Claims = jsonwebtoken::dangerous::insecure_decode_claims(token).map_err(|e| {
-            AssertionError::Malformed {
-                path: path(),
-                reason: e.to_string(),
-            }
-        })?;
+        let claims: Claims =
+            jsonwebtoken::dangerous::insecure_decode_claims(token).map_err(|e| {
+                AssertionError::Malformed {
+                    path: path(),
+                    reason: e.to_string(),
+                }
+            })?;
         if let Some(exp) = claims.exp {
             if exp <= now {
                 return Err(AssertionError::Expired {
@@ -225,7 +226,10 @@ mod tests {
     #[test]
     fn empty_file_is_reported() {
         let (_d, f) = file_with("  \n");
-        assert!(matches!(f.read().unwrap_err(), AssertionError::Empty { .. }));
+        assert!(matches!(
+            f.read().unwrap_err(),
+            AssertionError::Empty { .. }
+        ));
     }
 
     #[test]

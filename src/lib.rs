@@ -8,8 +8,8 @@
 pub mod admin;
 pub mod assertion;
 pub mod broker;
-pub mod exchange;
 pub mod cli;
+pub mod exchange;
 pub mod logging;
 pub mod metrics;
 pub mod netns;

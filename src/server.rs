@@ -178,7 +178,10 @@ pub async fn serve_with<W, WF, IO, H, F>(
     }
     drop(listener);
     // Signals every connection to finish its in-flight request and close; waits for them.
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(listener = ?local, "in-flight connections did not finish within the grace period");
     }
 }
@@ -187,7 +190,10 @@ pub async fn serve_with<W, WF, IO, H, F>(
 pub fn json_response(status: hyper::StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
-        .header(hyper::header::CONTENT_TYPE, "application/json; charset=utf-8")
+        .header(
+            hyper::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        )
         .body(Full::new(body.into()))
         .expect("static response parts are valid")
 }
