@@ -1,0 +1,486 @@
+//! End to end: the real `imds-broker webhook` binary over HTTPS on loopback — admission,
+//! malformed input, certificate hot reload, the ServiceAccount lookup through a fake API
+//! server, metrics, and a clean exit on SIGTERM.
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use imds_broker::server::{self, Limits};
+use serde_json::{json, Value};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A CA and a serving certificate for 127.0.0.1 signed by it.
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+    cert_der: Vec<u8>,
+}
+
+fn pki() -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    Pki {
+        ca_pem: ca.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_der: cert.der().to_vec(),
+    }
+}
+
+/// Writes like kubelet updates a Secret volume: a complete new file renamed into place.
+fn replace(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Webhook {
+    child: Child,
+    port: u16,
+    admin_port: u16,
+    log: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Webhook {
+    fn start(pki: &Pki, extra: &[&str]) -> Webhook {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("tls.crt");
+        let key = dir.path().join("tls.key");
+        std::fs::write(&cert, &pki.cert_pem).unwrap();
+        std::fs::write(&key, &pki.key_pem).unwrap();
+        let log = dir.path().join("webhook.log");
+        let (port, admin_port) = (free_port(), free_port());
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+            .args(["--log-format", "text", "webhook"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .arg("--tls-cert-file")
+            .arg(&cert)
+            .arg("--tls-key-file")
+            .arg(&key)
+            .args(["--tls-reload-interval", "100ms"])
+            .args(["--sidecar-image", "registry.example/imds-broker:test"])
+            .args(["--shutdown-delay", "0s"])
+            .args(extra)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn imds-broker webhook");
+        let mut webhook = Webhook {
+            child,
+            port,
+            admin_port,
+            log,
+            cert,
+            key,
+            _dir: dir,
+        };
+        webhook.wait_ready();
+        webhook
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls /readyz (bounded), failing fast if the process exits.
+    fn wait_ready(&mut self) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.admin_port);
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("webhook exited early ({status}):\n{}", self.logs());
+            }
+            if let Ok(status) = http_status(&url) {
+                if status == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("webhook not ready within 10 s:\n{}", self.logs());
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/mutate", self.port)
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(killed.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        panic!("webhook did not exit after SIGTERM:\n{}", self.logs());
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status of a plain-HTTP GET, without an async runtime (used for polling /readyz).
+fn http_status(url: &str) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    buf.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status line"))
+}
+
+/// A client trusting the given CAs, opening a fresh connection per request (so every
+/// request does a TLS handshake) and exposing the served certificate.
+fn client(cas: &[&str]) -> reqwest::Client {
+    let certs = cas
+        .iter()
+        .map(|pem| reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
+    reqwest::Client::builder()
+        .tls_certs_only(certs)
+        .tls_info(true)
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+fn fixture_review() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/velero/velero-1.15-data-upload.json");
+    let pod: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "e2e-uid-1",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "velero",
+            "operation": "CREATE",
+            "object": pod
+        }
+    })
+}
+
+fn patched_sidecar_env(response: &Value) -> Vec<(String, String)> {
+    let patch = response["response"]["patch"].as_str().expect("a patch");
+    let ops: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(patch)
+            .unwrap(),
+    )
+    .unwrap();
+    let init = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|op| op["path"] == "/spec/initContainers")
+        .expect("the sidecar op");
+    init["value"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The certificate the server presents in a full handshake (a fresh client each time: a
+/// reused client would resume its TLS session and never see a new certificate).
+async fn served_certificate(cas: &[&str], url: &str) -> Option<Vec<u8>> {
+    let resp = client(cas).get(url).send().await.ok()?;
+    let info = resp.extensions().get::<reqwest::tls::TlsInfo>()?;
+    info.peer_certificate().map(<[u8]>::to_vec)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm() {
+    let first = pki();
+    let second = pki();
+    let webhook = Webhook::start(
+        &first,
+        &[
+            "--kube-api-url",
+            "none",
+            "--client-id",
+            "flag-client",
+            "--tenant-id",
+            "flag-tenant",
+        ],
+    );
+    let both = [first.ca_pem.as_str(), second.ca_pem.as_str()];
+    let http = client(&both);
+
+    // A Velero data-upload pod is mutated.
+    let resp = http
+        .post(webhook.url())
+        .json(&fixture_review())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["kind"], "AdmissionReview");
+    assert_eq!(body["response"]["uid"], "e2e-uid-1");
+    assert_eq!(body["response"]["allowed"], true);
+    assert_eq!(body["response"]["patchType"], "JSONPatch");
+    let env = patched_sidecar_env(&body);
+    assert!(env.contains(&("AZURE_CLIENT_ID".into(), "flag-client".into())));
+    assert!(env.contains(&("AZURE_TENANT_ID".into(), "flag-tenant".into())));
+    let header = &env.iter().find(|(n, _)| n == "IDENTITY_HEADER").unwrap().1;
+    assert!(header.len() >= 43);
+    assert!(
+        !webhook.logs().contains(header.as_str()),
+        "the header must never be logged"
+    );
+
+    // Malformed reviews are 400s, and the server keeps serving.
+    for bad in [
+        &b"{not json"[..],
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+    ] {
+        let resp = http
+            .post(webhook.url())
+            .body(bad.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["error"], "bad_request");
+    }
+    assert_eq!(http.get(webhook.url()).send().await.unwrap().status(), 405);
+
+    // Certificate rotation: new files on disk are served without a restart.
+    assert_eq!(
+        served_certificate(&both, &webhook.url()).await,
+        Some(first.cert_der.clone())
+    );
+    replace(&webhook.key, &second.key_pem);
+    replace(&webhook.cert, &second.cert_pem);
+    let mut rotated = false;
+    for _ in 0..200 {
+        if served_certificate(&both, &webhook.url()).await == Some(second.cert_der.clone()) {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rotated, "new certificate not served:\n{}", webhook.logs());
+    // Clients that trust only the old CA are now refused; admission still works on the new.
+    assert!(client(&[&first.ca_pem])
+        .post(webhook.url())
+        .json(&fixture_review())
+        .send()
+        .await
+        .is_err());
+    let resp = client(&[&second.ca_pem])
+        .post(webhook.url())
+        .json(&fixture_review())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // Metrics on the plain-HTTP admin listener.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", webhook.admin_port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"imds_broker_webhook_admissions_total{result="mutated"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"imds_broker_webhook_admissions_total{result="error"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"imds_broker_webhook_tls_reloads_total{result="success"}"#),
+        "{metrics}"
+    );
+
+    let status = webhook.terminate();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
+/// Serves one ServiceAccount over plain HTTP and records the Authorization headers.
+async fn fake_api_server(seen: Arc<Mutex<Vec<String>>>) -> (SocketAddr, server::ShutdownTrigger) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (trigger, shutdown) = server::shutdown_channel();
+    tokio::spawn(server::serve(
+        listener,
+        move |req: hyper::Request<hyper::body::Incoming>, _| {
+            let seen = seen.clone();
+            async move {
+                let auth = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                seen.lock()
+                    .unwrap()
+                    .push(format!("{} {auth}", req.uri().path()));
+                let (status, body) = if auth != "Bearer webhook-sa-token" {
+                    (401, json!({"kind": "Status", "code": 401}))
+                } else if req.uri().path()
+                    == "/api/v1/namespaces/velero/serviceaccounts/velero-server"
+                {
+                    (
+                        200,
+                        json!({
+                            "apiVersion": "v1", "kind": "ServiceAccount",
+                            "metadata": {"name": "velero-server", "namespace": "velero", "annotations": {
+                                "azure.workload.identity/client-id": "sa-client-id",
+                                "azure.workload.identity/tenant-id": "sa-tenant-id"}}
+                        }),
+                    )
+                } else {
+                    (404, json!({"kind": "Status", "code": 404}))
+                };
+                hyper::Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .unwrap()
+            }
+        },
+        Limits::default(),
+        shutdown,
+        Duration::from_millis(10),
+    ));
+    (addr, trigger)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (api, _stop) = fake_api_server(seen.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "webhook-sa-token\n").unwrap();
+    let pki = pki();
+    let webhook = Webhook::start(
+        &pki,
+        &[
+            "--kube-api-url",
+            &format!("http://{api}"),
+            "--kube-token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let http = client(&[&pki.ca_pem]);
+
+    let body: Value = http
+        .post(webhook.url())
+        .json(&fixture_review())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let env = patched_sidecar_env(&body);
+    assert!(env.contains(&("AZURE_CLIENT_ID".into(), "sa-client-id".into())));
+    assert!(env.contains(&("AZURE_TENANT_ID".into(), "sa-tenant-id".into())));
+
+    // Another ServiceAccount without annotations, and no --client-id: admitted, warned.
+    let mut review = fixture_review();
+    review["request"]["object"]["spec"]["serviceAccountName"] = json!("plain");
+    let body: Value = http
+        .post(webhook.url())
+        .json(&review)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["response"]["allowed"], true);
+    assert!(body["response"].get("patch").is_none());
+    let warning = body["response"]["warnings"][0].as_str().unwrap();
+    assert!(
+        warning.contains("velero/plain") && warning.contains("--client-id"),
+        "{warning}"
+    );
+
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            "/api/v1/namespaces/velero/serviceaccounts/velero-server Bearer webhook-sa-token",
+            "/api/v1/namespaces/velero/serviceaccounts/plain Bearer webhook-sa-token",
+        ]
+    );
+    assert_eq!(webhook.terminate().code(), Some(0));
+}
+
+#[test]
+fn refuses_to_start_without_a_usable_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("missing.crt");
+    let output = Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+        .args(["--log-format", "text", "webhook", "--sidecar-image", "x:1"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(dir.path().join("missing.key"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("missing.crt"), "{text}");
+}
