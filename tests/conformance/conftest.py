@@ -1,0 +1,417 @@
+"""Harness for the real-client conformance suite: the fake Entra, broker processes, client
+subprocesses, and the client x protocol x result table printed at the end of the run.
+
+Everything runs on this machine: the fake Entra and the broker listen on 127.0.0.1 (or, in
+test_transparent.py, inside network namespaces this run creates). Client subprocesses get a
+clean environment (no proxy, no AZURE_* but what a test sets, HOME in a temp dir), so no
+credential in the SDK chains can reach the internet.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+BROKER_BIN = Path(os.environ.get("IMDS_BROKER_BIN", TARGET / "debug" / "imds-broker"))
+FAKE_ENTRA_BIN = TARGET / "debug" / "examples" / "fake_entra"
+RUST_CLIENT_BIN = TARGET / "debug" / "examples" / "rust_mi_client"
+PY_CLIENT = Path(__file__).parent / "clients" / "py_client.py"
+NODE_CLIENT = Path(__file__).parent / "node" / "client.mjs"
+NODE_BIN = shutil.which("node") or "node"
+IP_BIN = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip", "/bin/ip") if os.path.exists(p)), "ip")
+
+STORAGE = "https://storage.azure.com/"
+ARM = "https://management.azure.com/"
+REFUSED = "https://vault.azure.net/"
+UNKNOWN_CLIENT_ID = "00000000-0000-0000-0000-00000000dead"
+IDENTITY_HEADER = "conformance-identity-header-5ecr3t"
+# Distinctive, and under 2 h so no SDK switches to its "refresh at half life" rule.
+TOKEN_LIFETIME = 5000
+
+
+def wait_for(cond, timeout, what, interval=0.05):
+    """Polls cond() until it returns a truthy value; fails with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_get(url, headers=None, timeout=10):
+    """(status, headers, parsed JSON body or raw text)."""
+    req = urllib.request.Request(url, headers=headers or {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            status, hdrs, raw = resp.status, dict(resp.headers), resp.read().decode()
+    except urllib.error.HTTPError as e:
+        status, hdrs, raw = e.code, dict(e.headers), e.read().decode()
+    try:
+        return status, hdrs, json.loads(raw)
+    except ValueError:
+        return status, hdrs, raw
+
+
+class Process:
+    """A child process whose stderr lines are collected by a thread."""
+
+    def __init__(self, argv, env=None, cwd=None, stdout=subprocess.DEVNULL):
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def log(self):
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def json_lines(self):
+        with self._lock:
+            lines = list(self.lines)
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+NS_GET = """
+import json, sys, urllib.error, urllib.request
+req = urllib.request.Request(sys.argv[1], headers=json.loads(sys.argv[2]))
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    with opener.open(req, timeout=10) as r:
+        status, headers, raw = r.status, dict(r.headers), r.read().decode()
+except urllib.error.HTTPError as e:
+    status, headers, raw = e.code, dict(e.headers), e.read().decode()
+print(json.dumps([status, headers, raw]))
+"""
+
+
+def ns_http_get(netns, url, headers=None, timeout=20):
+    """http_get from inside network namespace `netns` (its 127.0.0.1 is not ours)."""
+    p = subprocess.run(
+        [IP_BIN, "netns", "exec", netns, sys.executable, "-c", NS_GET, url, json.dumps(headers or {})],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if p.returncode != 0:
+        raise AssertionError(f"GET {url} in netns {netns} failed: {p.stderr[-2000:]}")
+    status, hdrs, raw = json.loads(p.stdout)
+    try:
+        return status, hdrs, json.loads(raw)
+    except ValueError:
+        return status, hdrs, raw
+
+
+def start_fake_entra(prefix=()):
+    """Starts examples/fake_entra (optionally under a prefix such as `ip netns exec NS`);
+    returns (Popen, its JSON line: authority, ca_file, tenant_id, client_id, token_file)."""
+    proc = subprocess.Popen(
+        list(prefix) + [str(FAKE_ENTRA_BIN), "--token-lifetime-secs", str(TOKEN_LIFETIME), "--remint-secs", "600"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise AssertionError("fake_entra printed nothing: " + proc.stderr.read())
+    return proc, json.loads(line)
+
+
+def stop_process(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Broker:
+    """`imds-broker serve` on ephemeral ports (read back from its "listening" log line).
+    With `netns`, it runs inside that network namespace and is queried from there."""
+
+    def __init__(self, args, prefix=(), env_extra=None, netns=None):
+        env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": "info", "IMDS_BROKER_LOG_FORMAT": "json"}
+        env.update(env_extra or {})
+        self.netns = netns
+        if netns:
+            prefix = [IP_BIN, "netns", "exec", netns] + list(prefix)
+        self.process = Process(list(prefix) + [str(BROKER_BIN), "serve"] + list(args), env=env)
+
+        def listening():
+            if self.process.proc.poll() is not None:
+                raise AssertionError(f"broker exited at start-up:\n{self.process.log()}")
+            for line in self.process.json_lines():
+                if line.get("message") == "imds-broker listening":
+                    return line
+            return None
+
+        line = wait_for(listening, 20, "the broker's 'imds-broker listening' line")
+        self.listen = line["listen"].split(",")
+        self.token_addr = self.listen[0]
+        self.admin_addr = line["admin_listen"]
+
+    @property
+    def base(self):
+        return f"http://{self.token_addr}"
+
+    def imds(self, resource, headers=None, **params):
+        q = urllib.parse.urlencode(dict({"api-version": "2018-02-01", "resource": resource}, **params))
+        hdrs = {"Metadata": "true"} if headers is None else headers
+        return self.get(f"{self.base}/metadata/identity/oauth2/token?{q}", hdrs)
+
+    def get(self, url, headers=None):
+        if self.netns:
+            return ns_http_get(self.netns, url, headers)
+        return http_get(url, headers)
+
+    def metrics(self):
+        status, _, body = self.get(f"http://{self.admin_addr}/metrics")
+        assert status == 200, body
+        return body
+
+    def requests_served(self, status=None, endpoint=None):
+        """Sum of imds_broker_http_requests_total for this status (any if None) and endpoint."""
+        total = 0.0
+        for m in re.finditer(r'^imds_broker_http_requests_total\{([^}]*)\} (\S+)$', self.metrics(), re.M):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            if (status is None or labels.get("status") == str(status)) and (endpoint is None or labels.get("endpoint") == endpoint):
+                total += float(m.group(2))
+        return int(total)
+
+    def stop(self):
+        self.process.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_entra():
+    """The fake Entra (examples/fake_entra.rs) for the whole run: its authority, CA, ids and a
+    valid service-account token file (re-minted by the fake; tests copy it)."""
+    for binary in (BROKER_BIN, FAKE_ENTRA_BIN, RUST_CLIENT_BIN):
+        if not binary.exists():
+            pytest.fail(f"{binary} is missing: run scripts/test-conformance.sh (it builds it)")
+    proc, info = start_fake_entra()
+    yield info
+    stop_process(proc)
+
+
+@pytest.fixture
+def token_file(fake_entra, tmp_path):
+    """A private copy of the fake's service-account token, which a test may delete/restore."""
+    path = tmp_path / "sa-token"
+    shutil.copy(fake_entra["token_file"], path)
+    return path
+
+
+def broker_args(fake, token_file, *extra):
+    return [
+        "--listen", "127.0.0.1:0",
+        "--admin-listen", "127.0.0.1:0",
+        "--client-id", fake["client_id"],
+        "--tenant-id", fake["tenant_id"],
+        "--authority-host", fake["authority"],
+        "--ca-file", fake["ca_file"],
+        "--token-file", str(token_file),
+        "--identity-header", IDENTITY_HEADER,
+        "--allow-resource", f"{STORAGE},{ARM}",
+        "--retry-initial-backoff", "50ms",
+        "--retry-max-backoff", "2s",
+        "--entra-timeout", "5s",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def start_broker():
+    """Factory: start_broker(args, prefix=(), env_extra=None) -> Broker; all stopped at teardown."""
+    started = []
+
+    def start(args, prefix=(), env_extra=None):
+        b = Broker(args, prefix=prefix, env_extra=env_extra)
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.stop()
+
+
+# --- clients -----------------------------------------------------------------------------
+
+def client_env(protocol, broker_base, home, extra=None):
+    """The environment a pod would give the client, and nothing else."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
+    if protocol == "appservice":
+        env["IDENTITY_ENDPOINT"] = f"{broker_base}/msi/token"
+        env["IDENTITY_HEADER"] = IDENTITY_HEADER
+    elif protocol == "imds":
+        env["AZURE_POD_IDENTITY_AUTHORITY_HOST"] = broker_base
+    elif protocol != "transparent":
+        raise ValueError(protocol)
+    env.update(extra or {})
+    return env
+
+
+def client_argv(lang, kind, steps):
+    if lang == "python":
+        return [sys.executable, str(PY_CLIENT), kind, json.dumps(steps)]
+    if lang == "node":
+        return [NODE_BIN, str(NODE_CLIENT), kind, json.dumps(steps)]
+    raise ValueError(lang)
+
+
+def parse_results(out, err, argv):
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"client {argv[:3]} printed no result.\nstdout:\n{out}\nstderr:\n{err[-4000:]}")
+
+
+def run_rust_steps(steps, env, prefix=(), timeout=120):
+    """The Rust client does one call per process; run one per step."""
+    results = []
+    for step in steps:
+        argv = list(prefix) + [str(RUST_CLIENT_BIN), "--resource", step["resource"]]
+        if step.get("client_id"):
+            argv += ["--client-id", step["client_id"]]
+        p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+        r = parse_results(p.stdout, p.stderr, argv)
+        r.setdefault("attempts", 1)
+        r.setdefault("errors", [r["error"]] if not r["ok"] else [])
+        results.append(r)
+    return results
+
+
+def run_client(lang, kind, steps, env, prefix=(), timeout=120):
+    """Runs one client process over `steps`; returns the list of per-step results."""
+    if lang == "rust":
+        return run_rust_steps(steps, env, prefix=prefix, timeout=timeout)
+    argv = list(prefix) + client_argv(lang, kind, steps)
+    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(env["HOME"]))
+    return parse_results(p.stdout, p.stderr, argv)["results"]
+
+
+def start_client(lang, kind, steps, env, prefix=()):
+    """Starts a client process without waiting (the 503 test restores the token file while it
+    retries). Returns the Popen; finish with finish_client()."""
+    if lang == "rust":
+        step = steps[0]
+        argv = list(prefix) + [str(RUST_CLIENT_BIN), "--resource", step["resource"]]
+        if step.get("client_id"):
+            argv += ["--client-id", step["client_id"]]
+    else:
+        argv = list(prefix) + client_argv(lang, kind, steps)
+    return subprocess.Popen(
+        argv, env=env, cwd=str(env["HOME"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish_client(proc, timeout=90):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"client did not finish within {timeout}s; stderr:\n{err[-4000:]}")
+    parsed = parse_results(out, err, proc.args)
+    if "results" in parsed:
+        return parsed["results"][0]
+    parsed.setdefault("attempts", 1)
+    return parsed
+
+
+# --- the results table -----------------------------------------------------------------------
+
+RESULTS = {}
+CASE_ORDER = ["token", "token_client_id", "expiry", "unknown_client_id", "refused_resource", "recovers_after_503"]
+
+
+def pytest_runtest_makereport(item, call):
+    marker = item.get_closest_marker("matrix")
+    if marker is None or call.when not in ("setup", "call"):
+        return
+    client, protocol, case = marker.args
+    key = (client, protocol)
+    if call.when == "setup" and call.excinfo is None:
+        return
+    if call.excinfo is None:
+        outcome = "pass"
+    elif call.excinfo.errisinstance(pytest.skip.Exception):
+        outcome = "skip"
+    else:
+        outcome = "FAIL"
+    RESULTS.setdefault(key, {})[case] = outcome
+
+
+def results_markdown():
+    cases = [c for c in CASE_ORDER if any(c in v for v in RESULTS.values())]
+    lines = ["| client | protocol | " + " | ".join(cases) + " |", "|---|---|" + "---|" * len(cases)]
+    for (client, protocol), outcomes in sorted(RESULTS.items()):
+        cells = [outcomes.get(c, "n/a") for c in cases]
+        lines.append(f"| {client} | {protocol} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "matrix(client, protocol, case): a cell of the results table")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    table = results_markdown()
+    terminalreporter.write_sep("=", "client x protocol x result")
+    terminalreporter.write_line(table)
+    out = TARGET / "conformance"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table + "\n")
+    terminalreporter.write_line(f"(also written to {out / 'results.md'})")

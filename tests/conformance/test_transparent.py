@@ -1,0 +1,443 @@
+"""Transparent mode, for real: a network namespace stands in for the pod.
+
+1. `imds-broker init-network` runs as a non-root user holding only CAP_NET_ADMIN (what the init
+   container gets), adds 169.254.169.254/32 to the namespace's loopback, and is idempotent;
+   without the capability it fails and says NET_ADMIN.
+2. With the namespace's `net.ipv4.ip_unprivileged_port_start=80` (the pod's safe sysctl), the
+   broker runs as a non-root user with NO capabilities and listens on 169.254.169.254:80 and
+   127.0.0.1:8400. The fake Entra runs inside the namespace too (its 127.0.0.1 is not ours).
+3. Python, Node and Rust SDK clients run inside the namespace with NO override env at all
+   (no IDENTITY_ENDPOINT, no AZURE_POD_IDENTITY_AUTHORITY_HOST): they call the hard-coded
+   http://169.254.169.254 and get tokens with the right expiry.
+4. Instance metadata is not leaked: every other /metadata/... path gets a JSON 404.
+5. Without init-network (a namespace with loopback up and the broker on 127.0.0.1:8400, i.e.
+   the plain sidecar), the same client does not reach the broker, and the broker cannot bind
+   169.254.169.254:80 (its error says to run init-network).
+
+Needs root and `ip netns` (CI has both). Elsewhere the tests skip with a message; with CI=true
+or IMDS_BROKER_REQUIRE_NETNS=1 they fail instead, so CI cannot pass without running them.
+"""
+
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from conftest import (
+    ARM,
+    BROKER_BIN,
+    IP_BIN,
+    REFUSED,
+    STORAGE,
+    TOKEN_LIFETIME,
+    UNKNOWN_CLIENT_ID,
+    Broker,
+    client_env,
+    finish_client,
+    run_client,
+    start_client,
+    start_fake_entra,
+    stop_process,
+    wait_for,
+)
+
+IMDS_IP = "169.254.169.254"
+NOBODY = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+# A non-root user with exactly CAP_NET_ADMIN (the init container's securityContext).
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
+ONLY_NET_ADMIN = [SETPRIV, *NOBODY, "--inh-caps=-all,+net_admin", "--ambient-caps=-all,+net_admin",
+                  "--bounding-set=-all,+net_admin"]
+# A non-root user with no capabilities at all (the broker container).
+NO_CAPS = [SETPRIV, *NOBODY, "--inh-caps=-all", "--bounding-set=-all"]
+
+SYSCTL_BIN = shutil.which("sysctl") or next(
+    (p for p in ("/usr/sbin/sysctl", "/sbin/sysctl") if os.path.exists(p)), "sysctl"
+)
+REQUIRED = os.environ.get("CI") == "true" or os.environ.get("IMDS_BROKER_REQUIRE_NETNS") == "1"
+_names = itertools.count()
+
+
+def netns_unavailable():
+    if os.geteuid() != 0:
+        return "not root"
+    if not shutil.which("setpriv"):
+        return "setpriv (util-linux) not installed"
+    probe = f"ibconf-probe-{os.getpid()}"
+    p = subprocess.run([IP_BIN, "netns", "add", probe], capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"`ip netns add` failed: {p.stderr.strip()}"
+    subprocess.run([IP_BIN, "netns", "del", probe], capture_output=True)
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def require_netns():
+    reason = netns_unavailable()
+    if reason:
+        msg = f"transparent-mode tests need root and `ip netns`: {reason}"
+        if REQUIRED:
+            pytest.fail(msg + " (required: CI=true or IMDS_BROKER_REQUIRE_NETNS=1)")
+        pytest.skip(msg)
+
+
+class Netns:
+    """A network namespace made by this run; deleted (with whatever we started in it) at exit."""
+
+    def __init__(self):
+        self.name = f"ibconf-{os.getpid()}-{next(_names)}"
+        subprocess.run([IP_BIN, "netns", "add", self.name], check=True)
+        self.procs = []
+
+    @property
+    def prefix(self):
+        return [IP_BIN, "netns", "exec", self.name]
+
+    def run(self, argv, **kw):
+        return subprocess.run(self.prefix + list(argv), capture_output=True, text=True, timeout=60, **kw)
+
+    def ip(self, *args):
+        p = subprocess.run([IP_BIN, "-n", self.name, *args], capture_output=True, text=True, check=True)
+        return p.stdout
+
+    def lo_addresses(self):
+        return self.ip("-o", "-4", "addr", "show", "dev", "lo")
+
+    def close(self):
+        for proc in self.procs:
+            stop_process(proc)
+        subprocess.run([IP_BIN, "netns", "del", self.name], capture_output=True)
+
+
+@pytest.fixture
+def netns():
+    ns = Netns()
+    yield ns
+    ns.close()
+
+
+def init_network(ns, *extra, as_user=ONLY_NET_ADMIN):
+    return ns.run([*as_user, str(BROKER_BIN), "init-network", *extra])
+
+
+# --- init-network -------------------------------------------------------------------------
+
+def test_init_network_with_only_net_admin_is_idempotent(netns):
+    assert f"{IMDS_IP}/32" not in netns.lo_addresses()
+    first = init_network(netns)
+    assert first.returncode == 0, first.stderr
+    # Scope host, like 127.0.0.1: never the source address of a packet leaving the pod.
+    assert f"{IMDS_IP}/32 scope host" in netns.lo_addresses()
+    assert "UP" in netns.ip("link", "show", "dev", "lo").split(">")[0]
+    # A restarted init container finds its address and succeeds.
+    second = init_network(netns)
+    assert second.returncode == 0, second.stderr
+    assert '"added":false' in second.stderr
+    assert netns.lo_addresses().count(f"{IMDS_IP}/32") == 1
+    # Loopback keeps its usual address.
+    assert "127.0.0.1/8" in netns.lo_addresses()
+
+
+def test_init_network_without_capability_says_net_admin(netns):
+    p = init_network(netns, as_user=NO_CAPS)
+    assert p.returncode != 0
+    assert "NET_ADMIN" in p.stderr, p.stderr
+    assert f"{IMDS_IP}/32" not in netns.lo_addresses()
+
+
+# --- the transparent pod --------------------------------------------------------------------
+
+class Pod:
+    """netns + init-network (non-root, NET_ADMIN only) + the pod sysctl + fake Entra + the
+    broker as nobody with no capabilities on 169.254.169.254:80 and 127.0.0.1:8400."""
+
+    def __init__(self, allow_resources=(STORAGE, ARM)):
+        self.ns = Netns()
+        self.broker = None
+        self.shared = tempfile.mkdtemp(prefix="ibconf-pod-")
+        try:
+            p = init_network(self.ns)
+            assert p.returncode == 0, p.stderr
+            sysctl = self.ns.run([SYSCTL_BIN, "-w", "net.ipv4.ip_unprivileged_port_start=80"])
+            assert sysctl.returncode == 0, sysctl.stderr
+            fake_proc, self.fake = start_fake_entra(prefix=self.ns.prefix)
+            self.ns.procs.append(fake_proc)
+            # The broker runs as nobody: give it readable copies of the token and the test CA.
+            os.chmod(self.shared, 0o755)
+            self.token = os.path.join(self.shared, "token")
+            ca = os.path.join(self.shared, "ca.pem")
+            shutil.copy(self.fake["token_file"], self.token)
+            shutil.copy(self.fake["ca_file"], ca)
+            for f in (self.token, ca):
+                os.chmod(f, 0o644)
+            args = [
+                "--listen", f"{IMDS_IP}:80,127.0.0.1:8400",
+                "--admin-listen", "127.0.0.1:8401",
+                "--client-id", self.fake["client_id"],
+                "--tenant-id", self.fake["tenant_id"],
+                "--authority-host", self.fake["authority"],
+                "--ca-file", ca,
+                "--token-file", self.token,
+            ]
+            if allow_resources:
+                args += ["--allow-resource", ",".join(allow_resources)]
+            self.broker = Broker(args, prefix=NO_CAPS, netns=self.ns.name)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        if self.broker:
+            self.broker.stop()
+        self.ns.close()
+        shutil.rmtree(self.shared, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pod(require_netns, tmp_path_factory):
+    p = Pod()
+    yield p.ns, p.broker, p.fake, tmp_path_factory
+    p.close()
+
+
+def test_broker_binds_port_80_without_root_or_capabilities(pod):
+    ns, broker, _, _ = pod
+    assert broker.listen == [f"{IMDS_IP}:80", "127.0.0.1:8400"]
+    # The process we started is `ip netns exec … setpriv …`, which exec()s into the broker.
+    with open(f"/proc/{broker.process.proc.pid}/status") as f:
+        status = f.read()
+    assert "imds-broker" in status.splitlines()[0], status
+    assert "\nUid:\t65534" in status, status
+    assert "\nCapEff:\t0000000000000000" in status, status
+
+
+TRANSPARENT_CLIENTS = {
+    ("python", "mic"): "Python azure-identity ManagedIdentityCredential",
+    ("python", "dac"): "Python azure-identity DefaultAzureCredential",
+    ("python", "msal"): "Python msal ManagedIdentityClient",
+    ("node", "mic"): "Node @azure/identity ManagedIdentityCredential",
+    ("node", "dac"): "Node @azure/identity DefaultAzureCredential",
+    ("rust", "mic"): "Rust azure_identity ManagedIdentityCredential",
+}
+PROTOCOL = "transparent IMDS (169.254.169.254, no env)"
+
+
+def transparent_params(case):
+    return [pytest.param(lang, kind, id=f"{lang}-{kind}",
+                         marks=pytest.mark.matrix(name, PROTOCOL, case))
+            for (lang, kind), name in TRANSPARENT_CLIENTS.items()]
+
+
+@pytest.fixture(scope="module")
+def transparent_runs(pod):
+    ns, broker, fake, tmp_path_factory = pod
+    cache = {}
+
+    def run(lang, kind):
+        if (lang, kind) not in cache:
+            home = tmp_path_factory.mktemp(f"tp-home-{lang}-{kind}")
+            env = client_env("transparent", None, home)
+            assert not any(k.startswith(("AZURE_", "IDENTITY_", "MSI_", "IMDS_")) for k in env), env
+            steps = [
+                {"resource": STORAGE},
+                {"resource": ARM, "client_id": fake["client_id"]},
+                {"resource": STORAGE, "client_id": UNKNOWN_CLIENT_ID},
+                {"resource": REFUSED},
+            ]
+            cache[(lang, kind)] = run_client(lang, kind, steps, env, prefix=ns.prefix)
+        return cache[(lang, kind)]
+
+    return run
+
+
+@pytest.mark.parametrize("lang,kind", transparent_params("token"))
+def test_transparent_token(transparent_runs, lang, kind):
+    r = transparent_runs(lang, kind)[0]
+    assert r["ok"], r.get("error")
+
+
+@pytest.mark.parametrize("lang,kind", transparent_params("token_client_id"))
+def test_transparent_token_client_id(transparent_runs, lang, kind):
+    r = transparent_runs(lang, kind)[1]
+    assert r["ok"], r.get("error")
+
+
+@pytest.mark.parametrize("lang,kind", transparent_params("expiry"))
+def test_transparent_expiry(pod, transparent_runs, lang, kind):
+    _, broker, _, _ = pod
+    for step, resource in ((0, STORAGE), (1, ARM)):
+        r = transparent_runs(lang, kind)[step]
+        assert r["ok"], r.get("error")
+        status, _, body = broker.get(
+            f"http://{IMDS_IP}/metadata/identity/oauth2/token?api-version=2018-02-01"
+            f"&resource={resource.rstrip('/')}",
+            {"Metadata": "true"},
+        )
+        assert status == 200, body
+        assert abs(r["expires_on"] - int(body["expires_on"])) <= 2, (r["expires_on"], body["expires_on"])
+        assert int(body["expires_in"]) > TOKEN_LIFETIME - 300
+
+
+@pytest.mark.parametrize("lang,kind", transparent_params("unknown_client_id"))
+def test_transparent_unknown_client_id(transparent_runs, lang, kind):
+    r = transparent_runs(lang, kind)[2]
+    assert not r["ok"], "a token for an identity the broker does not serve"
+    if lang == "rust":
+        # azure_identity replaces a 400 body with its own fixed text; the status is kept.
+        assert r["status"] == 400 and "has not been assigned" in r["error"], r
+    else:
+        assert "Identity not found" in r["error"] and UNKNOWN_CLIENT_ID in r["error"], r["error"]
+    assert r["elapsed_ms"] < 5000, r
+
+
+@pytest.mark.parametrize("lang,kind", transparent_params("refused_resource"))
+def test_transparent_refused_resource(transparent_runs, lang, kind):
+    r = transparent_runs(lang, kind)[3]
+    assert not r["ok"], "a token for a resource outside --allow-resource"
+    assert "not allowed by this broker's policy" in r["error"], r["error"]
+    assert r["elapsed_ms"] < 5000, r
+
+
+@pytest.fixture(scope="module")
+def pod503(require_netns):
+    """A second pod whose broker serves any resource, so each client can ask for one nobody
+    asked for before (nothing cached) while the token file is missing."""
+    p = Pod(allow_resources=())
+    yield p
+    p.close()
+
+
+# Clients whose own retry policy retries a 503; plain MSAL Python relies on the application.
+SDK_RETRIES_503 = {("python", "mic"), ("python", "dac"), ("node", "mic"), ("node", "dac"), ("rust", "mic")}
+
+
+@pytest.mark.parametrize("lang,kind", transparent_params("recovers_after_503"))
+def test_transparent_recovers_after_503(pod503, tmp_path, lang, kind):
+    broker = pod503.broker
+    resource = f"https://{lang}-{kind}.conformance.example/"
+    hidden = pod503.token + ".hidden"
+    served_before = broker.requests_served(503, "imds")
+    os.rename(pod503.token, hidden)
+    step = {"resource": resource}
+    if (lang, kind) not in SDK_RETRIES_503:
+        step["until_ok_secs"] = 30
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = start_client(lang, kind, [step], client_env("transparent", None, home), prefix=pod503.ns.prefix)
+    try:
+        wait_for(lambda: broker.requests_served(503, "imds") > served_before, 30, "the broker to answer 503")
+    finally:
+        os.rename(hidden, pod503.token)
+    r = finish_client(proc)
+    assert r["ok"], r.get("error")
+    if (lang, kind) in SDK_RETRIES_503:
+        assert r["attempts"] == 1, f"the SDK did not retry the 503 itself: {r}"
+    assert r["elapsed_ms"] < 20000, r
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/metadata/instance?api-version=2021-02-01",
+        "/metadata/instance/compute?api-version=2021-02-01",
+        "/metadata/instance/network/interface/0/ipv4/ipAddress/0/publicIpAddress?api-version=2021-02-01&format=text",
+        "/metadata/attested/document?api-version=2020-09-01",
+        "/metadata/scheduledevents?api-version=2020-07-01",
+        "/metadata/versions",
+    ],
+)
+def test_instance_metadata_is_not_served(pod, path):
+    _, broker, _, _ = pod
+    status, headers, body = broker.get(f"http://{IMDS_IP}{path}", {"Metadata": "true"})
+    assert status == 404, body
+    assert headers.get("Content-Type", headers.get("content-type", "")).startswith("application/json")
+    assert body["error"] == "not_found"
+    assert "not served by imds-broker" in body["error_description"]
+
+
+def test_token_endpoint_answers_probes_with_json(pod):
+    """Go's DefaultAzureCredential probe (no query, no Metadata header) and Python's (needs a
+    JSON error body) both get a JSON answer, so the IMDS source counts as available."""
+    _, broker, _, _ = pod
+    status, _, body = broker.get(f"http://{IMDS_IP}/metadata/identity/oauth2/token")
+    assert status == 400
+    assert body["error"] and body["error_description"]
+
+
+# --- without init-network -------------------------------------------------------------------
+
+def test_without_init_network_the_client_does_not_reach_the_broker(netns, tmp_path):
+    # A pod's loopback is up; only init-network's address is missing.
+    netns.ip("link", "set", "dev", "lo", "up")
+    # The transparent listener cannot even start, and says why.
+    p = netns.run([str(BROKER_BIN), "serve", "--emulate", "--listen", f"{IMDS_IP}:80",
+                   "--admin-listen", "127.0.0.1:8401"])
+    assert p.returncode != 0
+    assert "init-network" in p.stderr, p.stderr
+    # The plain sidecar listener works, but a client with no env never reaches it.
+    broker = Broker(["--emulate", "--listen", "127.0.0.1:8400", "--admin-listen", "127.0.0.1:8401"],
+                    netns=netns.name)
+    try:
+        status, _, _ = broker.imds(STORAGE)
+        assert status == 200  # the broker itself is fine
+        served_before = broker.requests_served()
+        home = tmp_path / "home"
+        home.mkdir()
+        r = run_client("python", "mic", [{"resource": STORAGE}], client_env("transparent", None, home),
+                       prefix=netns.prefix)[0]
+        assert not r["ok"], "a token without init-network?"
+        # azure-identity's wording for "nothing answered at 169.254.169.254".
+        assert "no response from the IMDS endpoint" in r["error"], r["error"]
+        assert broker.requests_served() == served_before
+    finally:
+        broker.stop()
+
+
+def test_init_network_takes_imds_away_from_the_node(tmp_path):
+    """A pod with a default route to a "node" namespace whose loopback has 169.254.169.254 and
+    an IMDS on it (an emulator standing in for the node's real IMDS and identity). Before
+    init-network the pod's client gets the NODE's token; after it, the pod's own broker answers
+    and the node sees no further request."""
+    node, pod = Netns(), Netns()
+    brokers = []
+    try:
+        veth_pod, veth_node = f"ibp{os.getpid() % 100000}", f"ibn{os.getpid() % 100000}"
+        subprocess.run([IP_BIN, "link", "add", veth_pod, "netns", pod.name, "type", "veth",
+                        "peer", "name", veth_node, "netns", node.name], check=True)
+        # Link-local /30 between them: addresses only these two namespaces have.
+        node.ip("addr", "add", "169.254.100.1/30", "dev", veth_node)
+        pod.ip("addr", "add", "169.254.100.2/30", "dev", veth_pod)
+        for ns, dev in ((node, veth_node), (pod, veth_pod), (node, "lo"), (pod, "lo")):
+            ns.ip("link", "set", "dev", dev, "up")
+        node.ip("addr", "add", f"{IMDS_IP}/32", "dev", "lo")
+        pod.ip("route", "add", "default", "via", "169.254.100.1")
+
+        node_imds = Broker(["--emulate", "--client-id", "99999999-9999-9999-9999-999999999999",
+                            "--listen", f"{IMDS_IP}:80", "--admin-listen", "127.0.0.1:8401"],
+                           netns=node.name)
+        brokers.append(node_imds)
+        env = client_env("transparent", None, tmp_path)
+        step = [{"resource": STORAGE}]
+
+        # Without init-network the pod reaches the node's IMDS (and the node's identity).
+        r = run_client("python", "mic", step, env, prefix=pod.prefix)[0]
+        assert r["ok"], r.get("error")
+        assert node_imds.requests_served(200, "imds") == 1
+
+        # With it, 169.254.169.254 is the pod's own.
+        p = init_network(pod)
+        assert p.returncode == 0, p.stderr
+        pod_broker = Broker(["--emulate", "--listen", f"{IMDS_IP}:80", "--admin-listen", "127.0.0.1:8401"],
+                            netns=pod.name)
+        brokers.append(pod_broker)
+        r = run_client("python", "mic", step, env, prefix=pod.prefix)[0]
+        assert r["ok"], r.get("error")
+        assert pod_broker.requests_served(200, "imds") == 1
+        assert node_imds.requests_served() == 1, "the node's IMDS was asked again"
+    finally:
+        for b in brokers:
+            b.stop()
+        pod.close()
+        node.close()
