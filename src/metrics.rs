@@ -68,6 +68,16 @@ pub struct Metrics {
     pub entra_calls: Family<OutcomeLabels, Counter>,
     pub entra_latency: Histogram,
     pub token_expiry: Family<TokenLabels, Gauge<i64, AtomicI64>>,
+    /// The hot path's series, resolved once: `Family::get_or_create` takes a lock and hashes
+    /// the labels on every call, twice per token answer. A `Counter` clone shares the atomic,
+    /// so these count into the same series (which therefore show up as 0 from the start).
+    hot: HotCounters,
+}
+
+struct HotCounters {
+    imds_ok: Counter,
+    app_service_ok: Counter,
+    cache_hit: Counter,
 }
 
 impl Default for Metrics {
@@ -112,6 +122,23 @@ impl Metrics {
             "Seconds until the cached token expires, per client ID and resource",
             token_expiry.clone(),
         );
+        let ok = |endpoint| {
+            requests
+                .get_or_create(&RequestLabels {
+                    endpoint,
+                    status: 200,
+                })
+                .clone()
+        };
+        let hot = HotCounters {
+            imds_ok: ok(Endpoint::imds),
+            app_service_ok: ok(Endpoint::app_service),
+            cache_hit: cache
+                .get_or_create(&CacheLabels {
+                    result: CacheResult::hit,
+                })
+                .clone(),
+        };
         Metrics {
             registry,
             requests,
@@ -119,17 +146,26 @@ impl Metrics {
             entra_calls,
             entra_latency,
             token_expiry,
+            hot,
         }
     }
 
     pub fn request(&self, endpoint: Endpoint, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels { endpoint, status })
-            .inc();
+        match (endpoint, status) {
+            (Endpoint::imds, 200) => self.hot.imds_ok.inc(),
+            (Endpoint::app_service, 200) => self.hot.app_service_ok.inc(),
+            _ => self
+                .requests
+                .get_or_create(&RequestLabels { endpoint, status })
+                .inc(),
+        };
     }
 
     pub fn cache(&self, result: CacheResult) {
-        self.cache.get_or_create(&CacheLabels { result }).inc();
+        match result {
+            CacheResult::hit => self.hot.cache_hit.inc(),
+            _ => self.cache.get_or_create(&CacheLabels { result }).inc(),
+        };
     }
 
     pub fn entra(&self, outcome: Outcome, seconds: f64) {

@@ -69,7 +69,7 @@ impl Shutdown {
 
 /// Binds `addr`, with an error that names the address and the usual causes.
 pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    listen(addr).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::PermissionDenied => {
                 " (ports below 1024 need CAP_NET_BIND_SERVICE or the pod sysctl \
@@ -84,6 +84,23 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         };
         anyhow::anyhow!("cannot bind the {what} listener on {addr}: {e}{hint}")
     })
+}
+
+/// Accept-queue length. `TcpListener::bind` asks for 128: a burst of more new connections
+/// than that (bench/RESULTS.md, cold path: 1,000 callers) overflowed it and the kernel dropped
+/// SYNs, which clients retransmit only after 1 s. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// What `TcpListener::bind` does (SO_REUSEADDR, bind, listen), with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Serves plain-HTTP connections from `listener` until `shutdown` fires, then lets in-flight
@@ -188,14 +205,15 @@ pub async fn serve_with<W, WF, IO, H, F>(
 
 /// A JSON response with the given status.
 pub fn json_response(status: hyper::StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(
-            hyper::header::CONTENT_TYPE,
-            "application/json; charset=utf-8",
-        )
-        .body(Full::new(body.into()))
-        .expect("static response parts are valid")
+    // Built directly with a static header value: `Response::builder().header(.., &str)`
+    // copied and re-validated the content type for every token answer (hot path).
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
 }
 
 /// Resolves on SIGTERM (kubelet stopping the pod) or SIGINT (Ctrl-C).

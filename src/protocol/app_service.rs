@@ -1,11 +1,10 @@
 //! The App Service managed-identity endpoint (api-version 2019-08-01), selected by every SDK
 //! from `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` alone — no link-local address, no iptables.
 
-use super::{
-    require_get, with_retry_after, ApiError, Query, SelectorParam, TokenService, TokenView,
-};
+use super::{require_get, with_retry_after, ApiError, Query, SelectorParam, TokenService};
 use crate::broker::Selector;
 use crate::server::{json_response, Body};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use subtle::ConstantTimeEq;
@@ -51,7 +50,7 @@ async fn serve(
     svc: &TokenService,
     secret: &IdentityHeader,
     req: &Request<Incoming>,
-) -> Result<String, ApiError> {
+) -> Result<Bytes, ApiError> {
     require_get(req)?;
     match req.headers().get("x-identity-header") {
         None => return Err(ApiError::new(
@@ -85,12 +84,11 @@ async fn serve(
     let resource = query.resource()?;
     let selector = query.selector(SELECTORS)?;
     let token = svc.token(&selector, resource).await?;
-    Ok(TokenView {
-        token: &token,
+    Ok(super::token_body(
+        &token,
         resource,
-        client_id: &svc.broker.identity().client_id,
-    }
-    .render())
+        &svc.broker.identity().client_id,
+    ))
 }
 
 /// The App Service error body is undocumented and clients disagree: MSAL Python reads

@@ -13,8 +13,11 @@ use crate::broker::{Broker, BrokerError, Selector};
 use crate::exchange::Token;
 use crate::metrics::{Endpoint, Metrics};
 use crate::server::{json_response, Body};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,18 +84,25 @@ impl From<BrokerError> for ApiError {
 }
 
 /// Query parameters, with duplicates rejected (IMDS does; a duplicate is ambiguous).
-pub struct Query(Vec<(String, String)>);
+///
+/// Pairs borrow from the request URI unless percent-decoding changed them (hot path: copying
+/// every name and value cost four allocations per token request; see bench/RESULTS.md).
+pub struct Query<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
 
-impl Query {
-    pub fn parse(raw: Option<&str>) -> Result<Query, ApiError> {
-        let mut pairs: Vec<(String, String)> = Vec::new();
-        for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+impl<'a> Query<'a> {
+    pub fn parse(raw: Option<&'a str>) -> Result<Query<'a>, ApiError> {
+        let mut pairs: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(4);
+        // Split as `form_urlencoded::parse` does: on '&', skipping empty pieces, name and
+        // value at the first '='.
+        for piece in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
+            let (k, v) = (form_decode(k), form_decode(v));
             if pairs.iter().any(|(seen, _)| seen.eq_ignore_ascii_case(&k)) {
                 return Err(ApiError::bad_request(format!(
                     "Duplicate query parameter '{k}': each parameter may appear once"
                 )));
             }
-            pairs.push((k.into_owned(), v.into_owned()));
+            pairs.push((k, v));
         }
         Ok(Query(pairs))
     }
@@ -102,7 +112,7 @@ impl Query {
         self.0
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_ref())
     }
 
     /// The identity selector among `names` (each paired with its meaning). More than one
@@ -132,6 +142,55 @@ impl Query {
     }
 }
 
+/// Decodes one `application/x-www-form-urlencoded` name or value exactly as
+/// `form_urlencoded::parse` does ('+' is a space, `%XX` a byte, a malformed escape stays as
+/// is, invalid UTF-8 becomes U+FFFD), but borrows when there is nothing to decode. Hand-rolled
+/// because the crate's parser was 17% of the hot path's instructions (bench/RESULTS.md); the
+/// tests check it against the crate.
+fn form_decode(s: &str) -> Cow<'_, str> {
+    if !s.bytes().any(|b| b == b'%' || b == b'+') {
+        return Cow::Borrowed(s);
+    }
+    let hex = |b: Option<&u8>| b.and_then(|&b| (b as char).to_digit(16));
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+                (Some(hi), Some(lo)) => {
+                    out.push((hi * 16 + lo) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    match String::from_utf8(out) {
+        Ok(s) => Cow::Owned(s),
+        Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    }
+}
+
+/// Appends `n` in decimal (through `core::fmt` the four numbers of a token answer cost more
+/// than a thousand instructions).
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
+}
+
 /// Fields of a successful token response, rendered by each protocol.
 pub struct TokenView<'a> {
     pub token: &'a Token,
@@ -143,21 +202,25 @@ impl TokenView<'_> {
     /// Renders the JSON object; all values are strings. Hand-built because this is the hot
     /// path and the field set is fixed; values are escaped by serde_json.
     pub fn render(&self) -> String {
-        let now = now_unix();
-        let expires_in = self.token.expires_on.saturating_sub(now).max(1).to_string();
+        self.render_at(now_unix())
+    }
+
+    fn render_at(&self, now: u64) -> String {
+        let expires_in = self.token.expires_on.saturating_sub(now).max(1);
         let mut out = String::with_capacity(self.token.access_token.len() + 320);
+        // Numbers go straight into `out`: no temporary Strings, no `core::fmt` (hot path).
         out.push_str("{\"access_token\":");
         push_json_str(&mut out, &self.token.access_token);
         out.push_str(",\"client_id\":");
         push_json_str(&mut out, self.client_id);
         out.push_str(",\"expires_in\":\"");
-        out.push_str(&expires_in);
+        push_u64(&mut out, expires_in);
         out.push_str("\",\"expires_on\":\"");
-        out.push_str(&self.token.expires_on.to_string());
+        push_u64(&mut out, self.token.expires_on);
         out.push_str("\",\"ext_expires_in\":\"");
-        out.push_str(&expires_in);
+        push_u64(&mut out, expires_in);
         out.push_str("\",\"not_before\":\"");
-        out.push_str(&self.token.not_before.to_string());
+        push_u64(&mut out, self.token.not_before);
         out.push_str("\",\"refresh_token\":\"\",\"resource\":");
         push_json_str(&mut out, self.resource);
         out.push_str(",\"token_type\":\"Bearer\"}");
@@ -165,11 +228,60 @@ impl TokenView<'_> {
     }
 }
 
+/// The body of a token answer as [`TokenView::render`] writes it, reused while nothing in it
+/// changes. Each worker thread keeps its last body with the token, resource, client ID and
+/// second it was rendered for (`expires_in` counts whole seconds): a repeat answer costs a
+/// reference-count increment instead of rendering and allocating 1-2 KB (the largest cost
+/// left on the hot path, bench/RESULTS.md). Holding the `Arc<Token>` keeps the identity
+/// check sound: a token's address cannot be reused while it is cached.
+pub fn token_body(token: &Arc<Token>, resource: &str, client_id: &str) -> Bytes {
+    struct Rendered {
+        token: Arc<Token>,
+        resource: String,
+        client_id: String,
+        now: u64,
+        body: Bytes,
+    }
+    thread_local! {
+        static LAST: RefCell<Option<Rendered>> = const { RefCell::new(None) };
+    }
+    let now = now_unix();
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some(r) = last.as_ref().filter(|r| {
+            r.now == now
+                && Arc::ptr_eq(&r.token, token)
+                && r.resource == resource
+                && r.client_id == client_id
+        }) {
+            return r.body.clone();
+        }
+        let body = Bytes::from(
+            TokenView {
+                token,
+                resource,
+                client_id,
+            }
+            .render_at(now),
+        );
+        *last = Some(Rendered {
+            token: token.clone(),
+            resource: resource.to_owned(),
+            client_id: client_id.to_owned(),
+            now,
+            body: body.clone(),
+        });
+        body
+    })
+}
+
 fn push_json_str(out: &mut String, s: &str) {
     // Tokens and GUIDs need no escaping; anything else goes through serde_json.
-    if s.bytes()
-        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    {
+    // A branch-free fold rather than `all()`: without the early exit the compiler vectorises
+    // it. As a byte-at-a-time loop over the ~1 KB token it was 6% of the hot path's CPU.
+    if s.bytes().fold(true, |ok, b| {
+        ok & b.is_ascii_graphic() & (b != b'"') & (b != b'\\')
+    }) {
         out.push('"');
         out.push_str(s);
         out.push('"');
@@ -199,7 +311,7 @@ pub struct TokenService {
 
 impl TokenService {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let path = req.uri().path();
+        let path = token_path(req.uri().path());
         let (endpoint, resp) = if path == IMDS_TOKEN_PATH {
             (Endpoint::imds, imds::handle(self, &req).await)
         } else if path == APP_SERVICE_TOKEN_PATH {
@@ -232,6 +344,20 @@ impl TokenService {
             .token(selector, resource)
             .await
             .map_err(ApiError::from)
+    }
+}
+
+/// The request path with one trailing slash removed, for matching the token endpoints.
+///
+/// msal-node (under @azure/identity 4.x) builds its IMDS URL from
+/// `AZURE_POD_IDENTITY_AUTHORITY_HOST` through msal-common's `UrlString`, which canonicalises
+/// every URL with a trailing slash: it asks for `/metadata/identity/oauth2/token/`. Without
+/// this, Node clients got a 404, which they retry five times with backoff (~20 s per call)
+/// before failing. Found by tests/conformance (client-compatibility.md, "surprises").
+fn token_path(path: &str) -> &str {
+    match path.strip_suffix('/') {
+        Some(p) if p == IMDS_TOKEN_PATH || p == APP_SERVICE_TOKEN_PATH => p,
+        _ => path,
     }
 }
 
@@ -283,13 +409,65 @@ pub fn require_get(req: &Request<Incoming>) -> Result<(), ApiError> {
 }
 
 /// A JSON body for a successful token answer.
-pub fn token_response(body: String) -> Response<Body> {
+pub fn token_response(body: Bytes) -> Response<Body> {
     json_response(StatusCode::OK, body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_paths_accept_one_trailing_slash() {
+        assert_eq!(
+            token_path("/metadata/identity/oauth2/token/"),
+            IMDS_TOKEN_PATH
+        );
+        assert_eq!(
+            token_path("/metadata/identity/oauth2/token"),
+            IMDS_TOKEN_PATH
+        );
+        assert_eq!(token_path("/msi/token/"), APP_SERVICE_TOKEN_PATH);
+        // Only the token endpoints, and only one slash.
+        assert_eq!(token_path("/metadata/instance/"), "/metadata/instance/");
+        assert_eq!(
+            token_path("/metadata/identity/oauth2/token//"),
+            "/metadata/identity/oauth2/token//"
+        );
+    }
+
+    #[test]
+    fn query_decoding_matches_form_urlencoded() {
+        for raw in [
+            "api-version=2018-02-01&resource=https%3A%2F%2Fstorage.azure.com%2F",
+            "resource=https://management.azure.com/&client_id=",
+            "a+b=c+d&e=%41%42%zz%4&f=%&g=%e2%82%ac&h=%ff%fe&&=x&y&z=1=2&%2B=%2b",
+            "",
+            "&&&",
+            "k=%F0%9F%98%80+%C3%A9",
+        ] {
+            let expected: Vec<(String, String)> = form_urlencoded::parse(raw.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            let got: Vec<(String, String)> = raw
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| p.split_once('=').unwrap_or((p, "")))
+                .map(|(k, v)| (form_decode(k).into_owned(), form_decode(v).into_owned()))
+                .collect();
+            assert_eq!(got, expected, "{raw}");
+        }
+        assert!(matches!(form_decode("https://x/"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn numbers_render_in_decimal() {
+        for n in [0, 7, 10, 1_795_556_356, u64::MAX] {
+            let mut s = String::new();
+            push_u64(&mut s, n);
+            assert_eq!(s, n.to_string());
+        }
+    }
 
     #[test]
     fn duplicate_parameters_are_rejected() {
@@ -336,6 +514,38 @@ mod tests {
         let ei: u64 = v["expires_in"].as_str().unwrap().parse().unwrap();
         assert!((95..=100).contains(&ei));
         assert_eq!(v["not_before"], "5");
+    }
+
+    #[test]
+    fn token_body_is_the_rendered_body_reused_within_a_second() {
+        let t = Arc::new(Token {
+            access_token: "tok".into(),
+            expires_on: now_unix() + 100,
+            not_before: 5,
+        });
+        let before = now_unix();
+        let a = token_body(&t, "https://x/", "c");
+        let b = token_body(&t, "https://x/", "c");
+        let after = now_unix();
+        let view = TokenView {
+            token: &t,
+            resource: "https://x/",
+            client_id: "c",
+        };
+        // (Unless the clock crossed a second between the calls, which changes `expires_in`.)
+        if before == after {
+            assert_eq!(a, view.render_at(before));
+            assert_eq!(a.as_ptr(), b.as_ptr(), "reused");
+        }
+        // Another resource, client ID or token is another body.
+        let text = |b: Bytes| String::from_utf8(b.to_vec()).unwrap();
+        assert!(text(token_body(&t, "https://y/", "c")).contains(r#""resource":"https://y/""#));
+        assert!(text(token_body(&t, "https://x/", "d")).contains(r#""client_id":"d""#));
+        let t2 = Arc::new(Token {
+            access_token: "other".into(),
+            ..(*t).clone()
+        });
+        assert!(text(token_body(&t2, "https://x/", "c")).starts_with(r#"{"access_token":"other""#));
     }
 
     #[test]

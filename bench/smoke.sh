@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# ~20-second smoke version of bench/run.sh for the test run: the same five measurements,
+# scaled down (1-second wrk runs, 200 cold callers, 3 start-ups, a 13-second soak with
+# 24-second tokens run alongside). Exits non-zero only on functional failures (errors,
+# more than one Entra call on the cold path, wrong refresh count, a broker not answering),
+# never on performance numbers. BENCH_PROFILE=release to use release binaries (default
+# debug, which the test build already has).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ulimit -n 8192 2>/dev/null || true
+dir=$(bench/setup.sh "${BENCH_PROFILE:-debug}" | tail -n1)
+exec python3 bench/bench.py --mode smoke --out bench/out/smoke \
+    --broker "$dir/imds-broker" --client "$dir/examples/bench_client" --fake "$dir/examples/fake_entra" "$@"
