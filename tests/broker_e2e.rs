@@ -15,6 +15,20 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// Asks the broker until it serves a token with sequence >= `n`: the fake counts a token as
+/// issued before the broker has received and stored it. Bounded at 5 s.
+async fn wait_served_seq(broker: &support::broker::Broker, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = broker.imds_token(STORAGE).await;
+        let s = seq(r.field("access_token"));
+        if s >= n || Instant::now() > deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn seq(access_token: &str) -> u64 {
     FakeAccessToken::decode(access_token)
         .expect("a token issued by the fake Entra")
@@ -332,12 +346,13 @@ async fn tokens_are_refreshed_in_the_background_before_expiry() {
         at >= Duration::from_millis(2400) && at < Duration::from_millis(6000),
         "refresh at half-life, not {at:?}"
     );
-    let started = Instant::now();
-    let r = broker.imds_token(STORAGE).await;
     assert!(
-        seq(r.field("access_token")) >= 2,
+        wait_served_seq(&broker, 2).await >= 2,
         "the refreshed token is served"
     );
+    let started = Instant::now();
+    let r = broker.imds_token(STORAGE).await;
+    assert!(seq(r.field("access_token")) >= 2);
     assert!(
         started.elapsed() < Duration::from_millis(500),
         "callers never wait once warm"
@@ -449,8 +464,7 @@ async fn stale_token_is_served_while_entra_fails() {
     fake.wait_for_tokens_issued(2, Duration::from_secs(15))
         .await
         .expect("refresh after recovery");
-    let r = broker.imds_token(STORAGE).await;
-    assert_eq!(seq(r.field("access_token")), 2);
+    assert_eq!(wait_served_seq(&broker, 2).await, 2);
 }
 
 #[tokio::test]

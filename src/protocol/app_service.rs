@@ -81,14 +81,7 @@ async fn serve(
             )))
         }
     }
-    let resource = query.resource()?;
-    let selector = query.selector(SELECTORS)?;
-    let token = svc.token(&selector, resource).await?;
-    Ok(super::token_body(
-        &token,
-        resource,
-        &svc.broker.identity().client_id,
-    ))
+    svc.answer(&query, SELECTORS).await
 }
 
 /// The App Service error body is undocumented and clients disagree: MSAL Python reads

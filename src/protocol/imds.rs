@@ -85,14 +85,7 @@ async fn serve(svc: &TokenService, req: &Request<Incoming>) -> Result<Bytes, Api
     }
     let query = Query::parse(req.uri().query())?;
     check_api_version(query.get("api-version"))?;
-    let resource = query.resource()?;
-    let selector = query.selector(SELECTORS)?;
-    let token = svc.token(&selector, resource).await?;
-    Ok(super::token_body(
-        &token,
-        resource,
-        &svc.broker.identity().client_id,
-    ))
+    svc.answer(&query, SELECTORS).await
 }
 
 fn check_api_version(v: Option<&str>) -> Result<(), ApiError> {

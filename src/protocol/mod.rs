@@ -338,12 +338,25 @@ impl TokenService {
         resp
     }
 
-    /// Broker lookup shared by both protocols.
-    pub async fn token(&self, selector: &Selector, resource: &str) -> Result<Arc<Token>, ApiError> {
-        self.broker
-            .token(selector, resource)
+    /// What both protocols do once their own checks passed: resource and identity selector
+    /// from the query, the broker lookup, and the rendered body.
+    pub async fn answer(
+        &self,
+        query: &Query<'_>,
+        selectors: &[SelectorParam],
+    ) -> Result<Bytes, ApiError> {
+        let resource = query.resource()?;
+        let selector = query.selector(selectors)?;
+        let token = self
+            .broker
+            .token(&selector, resource)
             .await
-            .map_err(ApiError::from)
+            .map_err(ApiError::from)?;
+        Ok(token_body(
+            &token,
+            resource,
+            &self.broker.identity().client_id,
+        ))
     }
 }
 
@@ -494,8 +507,8 @@ mod tests {
         assert!(q.selector(&names).is_err());
     }
 
-    #[test]
-    fn render_uses_strings_only() {
+    /// A token expiring in 100 s, rendered for `resource`.
+    fn rendered(resource: &str) -> serde_json::Value {
         let t = Token {
             access_token: "tok".into(),
             expires_on: now_unix() + 100,
@@ -503,11 +516,16 @@ mod tests {
         };
         let body = TokenView {
             token: &t,
-            resource: "https://x/",
+            resource,
             client_id: "c",
         }
         .render();
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        serde_json::from_str(&body).unwrap()
+    }
+
+    #[test]
+    fn render_uses_strings_only() {
+        let v = rendered("https://x/");
         for (k, val) in v.as_object().unwrap() {
             assert!(val.is_string(), "{k} is not a string");
         }
@@ -550,18 +568,6 @@ mod tests {
 
     #[test]
     fn render_escapes_odd_resources() {
-        let t = Token {
-            access_token: "tok".into(),
-            expires_on: now_unix() + 100,
-            not_before: 5,
-        };
-        let body = TokenView {
-            token: &t,
-            resource: "a\"b",
-            client_id: "c",
-        }
-        .render();
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["resource"], "a\"b");
+        assert_eq!(rendered("a\"b")["resource"], "a\"b");
     }
 }
