@@ -45,7 +45,7 @@ pub enum Command {
     InitNetwork(crate::netns::InitNetworkArgs),
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m)"))
 }
 

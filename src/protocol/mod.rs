@@ -199,12 +199,9 @@ pub struct TokenView<'a> {
 }
 
 impl TokenView<'_> {
-    /// Renders the JSON object; all values are strings. Hand-built because this is the hot
-    /// path and the field set is fixed; values are escaped by serde_json.
-    pub fn render(&self) -> String {
-        self.render_at(now_unix())
-    }
-
+    /// Renders the JSON object as of `now` (Unix seconds); all values are strings.
+    /// Hand-built because this is the hot path and the field set is fixed; values that need
+    /// it are escaped by serde_json.
     fn render_at(&self, now: u64) -> String {
         let expires_in = self.token.expires_on.saturating_sub(now).max(1);
         let mut out = String::with_capacity(self.token.access_token.len() + 320);
@@ -228,7 +225,7 @@ impl TokenView<'_> {
     }
 }
 
-/// The body of a token answer as [`TokenView::render`] writes it, reused while nothing in it
+/// The body of a token answer as [`TokenView::render_at`] writes it, reused while nothing in it
 /// changes. Each worker thread keeps its last body with the token, resource, client ID and
 /// second it was rendered for (`expires_in` counts whole seconds): a repeat answer costs a
 /// reference-count increment instead of rendering and allocating 1-2 KB (the largest cost
@@ -377,32 +374,26 @@ fn token_path(path: &str) -> &str {
 /// Anything else — notably instance metadata — is refused with JSON, so nothing about the
 /// node leaks and SDK probes still get a parseable answer.
 fn not_served(req: &Request<Incoming>) -> Response<Body> {
+    if let Err(e) = require_get(req) {
+        return imds::error_response(&e);
+    }
     let path = req.uri().path();
-    let (status, description) = if path.starts_with("/metadata/") {
-        (
-            StatusCode::NOT_FOUND,
-            format!(
-                "{path} is not served by imds-broker: only the managed-identity token endpoint \
-                 {IMDS_TOKEN_PATH} is (instance metadata is deliberately not exposed)"
-            ),
+    let description = if path.starts_with("/metadata/") {
+        format!(
+            "{path} is not served by imds-broker: only the managed-identity token endpoint \
+             {IMDS_TOKEN_PATH} is (instance metadata is deliberately not exposed)"
         )
     } else {
-        (
-            StatusCode::NOT_FOUND,
-            format!(
-                "{path} is not served by imds-broker: token endpoints are {IMDS_TOKEN_PATH} \
-                 (IMDS) and {APP_SERVICE_TOKEN_PATH} (App Service)"
-            ),
+        format!(
+            "{path} is not served by imds-broker: token endpoints are {IMDS_TOKEN_PATH} \
+             (IMDS) and {APP_SERVICE_TOKEN_PATH} (App Service)"
         )
     };
-    if req.method() != Method::GET {
-        return imds::error_response(&ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{} is not supported: use GET", req.method()),
-        ));
-    }
-    imds::error_response(&ApiError::new(status, "not_found", description))
+    imds::error_response(&ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        description,
+    ))
 }
 
 /// The shared "method must be GET" check.
@@ -413,10 +404,7 @@ pub fn require_get(req: &Request<Incoming>) -> Result<(), ApiError> {
         Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            format!(
-                "{} is not supported on token endpoints: use GET",
-                req.method()
-            ),
+            format!("{} is not supported: use GET", req.method()),
         ))
     }
 }
@@ -519,7 +507,7 @@ mod tests {
             resource,
             client_id: "c",
         }
-        .render();
+        .render_at(now_unix());
         serde_json::from_str(&body).unwrap()
     }
 

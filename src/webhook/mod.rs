@@ -38,9 +38,7 @@ pub const DEFAULT_MATCH_LABELS: &[&str] = &[
     "velero.io/repo-name",
 ];
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m)"))
-}
+use crate::cli::parse_duration;
 
 fn parse_expiration(s: &str) -> Result<i64, String> {
     let v: i64 = s.parse().map_err(|e| format!("{e}"))?;
