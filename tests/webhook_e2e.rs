@@ -2,6 +2,8 @@
 //! malformed input, certificate hot reload, the ServiceAccount lookup through a fake API
 //! server, metrics, and a clean exit on SIGTERM.
 
+#[path = "support/tls.rs"]
+mod tls;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -12,32 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// A CA and a serving certificate for 127.0.0.1 signed by it.
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-    cert_der: Vec<u8>,
-}
-
-fn pki() -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        cert_der: cert.der().to_vec(),
-    }
-}
+use tls::TestPki;
 
 /// Writes like kubelet updates a Secret volume: a complete new file renamed into place.
 fn replace(path: &Path, contents: &str) {
@@ -65,12 +42,12 @@ struct Webhook {
 }
 
 impl Webhook {
-    fn start(pki: &Pki, extra: &[&str]) -> Webhook {
+    fn start(pki: &TestPki, extra: &[&str]) -> Webhook {
         let dir = tempfile::tempdir().unwrap();
         let cert = dir.path().join("tls.crt");
         let key = dir.path().join("tls.key");
-        std::fs::write(&cert, &pki.cert_pem).unwrap();
-        std::fs::write(&key, &pki.key_pem).unwrap();
+        std::fs::write(&cert, pki.server_cert_pem()).unwrap();
+        std::fs::write(&key, pki.server_key_pem()).unwrap();
         let log = dir.path().join("webhook.log");
         let (port, admin_port) = (free_port(), free_port());
         let out = std::fs::File::create(&log).unwrap();
@@ -244,8 +221,8 @@ async fn served_certificate(cas: &[&str], url: &str) -> Option<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm() {
-    let first = pki();
-    let second = pki();
+    let first = TestPki::new();
+    let second = TestPki::new();
     let webhook = Webhook::start(
         &first,
         &[
@@ -257,7 +234,7 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
             "flag-tenant",
         ],
     );
-    let both = [first.ca_pem.as_str(), second.ca_pem.as_str()];
+    let both = [first.ca_pem(), second.ca_pem()];
     let http = client(&both);
 
     // A Velero data-upload pod is mutated.
@@ -303,13 +280,15 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
     // Certificate rotation: new files on disk are served without a restart.
     assert_eq!(
         served_certificate(&both, &webhook.url()).await,
-        Some(first.cert_der.clone())
+        Some(first.server_cert_der().to_vec())
     );
-    replace(&webhook.key, &second.key_pem);
-    replace(&webhook.cert, &second.cert_pem);
+    replace(&webhook.key, second.server_key_pem());
+    replace(&webhook.cert, second.server_cert_pem());
     let mut rotated = false;
     for _ in 0..200 {
-        if served_certificate(&both, &webhook.url()).await == Some(second.cert_der.clone()) {
+        if served_certificate(&both, &webhook.url()).await
+            == Some(second.server_cert_der().to_vec())
+        {
             rotated = true;
             break;
         }
@@ -317,13 +296,13 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
     }
     assert!(rotated, "new certificate not served:\n{}", webhook.logs());
     // Clients that trust only the old CA are now refused; admission still works on the new.
-    assert!(client(&[&first.ca_pem])
+    assert!(client(&[first.ca_pem()])
         .post(webhook.url())
         .json(&fixture_review())
         .send()
         .await
         .is_err());
-    let resp = client(&[&second.ca_pem])
+    let resp = client(&[second.ca_pem()])
         .post(webhook.url())
         .json(&fixture_review())
         .send()
@@ -411,7 +390,7 @@ async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() 
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "webhook-sa-token\n").unwrap();
-    let pki = pki();
+    let pki = TestPki::new();
     let webhook = Webhook::start(
         &pki,
         &[
@@ -421,7 +400,7 @@ async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() 
             token.to_str().unwrap(),
         ],
     );
-    let http = client(&[&pki.ca_pem]);
+    let http = client(&[pki.ca_pem()]);
 
     let body: Value = http
         .post(webhook.url())

@@ -2,6 +2,8 @@
 //! CA, the bearer token re-read per request, the TTL cache, stale answers on errors, 404s,
 //! untrusted certificates and timeouts.
 
+#[path = "support/tls.rs"]
+mod tls;
 use bytes::Bytes;
 use http_body_util::Full;
 use imds_broker::server::{self, Limits};
@@ -12,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tls::TestPki;
 
 /// What the fake API server answers, and what it saw.
 #[derive(Default)]
@@ -26,27 +29,6 @@ struct FakeApi {
     addr: SocketAddr,
     state: Arc<Mutex<ApiState>>,
     _stop: server::ShutdownTrigger,
-}
-
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn pki() -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    }
 }
 
 fn service_account(client: &str, tenant: &str) -> String {
@@ -66,10 +48,10 @@ fn service_account(client: &str, tenant: &str) -> String {
     .to_string()
 }
 
-async fn fake_api(pki: &Pki) -> FakeApi {
+async fn fake_api(pki: &TestPki) -> FakeApi {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("c"), &pki.cert_pem).unwrap();
-    std::fs::write(dir.path().join("k"), &pki.key_pem).unwrap();
+    std::fs::write(dir.path().join("c"), pki.server_cert_pem()).unwrap();
+    std::fs::write(dir.path().join("k"), pki.server_key_pem()).unwrap();
     let cert = Arc::new(
         imds_broker::webhook::tls::ReloadingCert::load(
             &dir.path().join("c"),
@@ -139,18 +121,18 @@ fn lookup(api: &FakeApi, ca: &Path, token: &Path, ttl: Duration) -> ServiceAccou
     .unwrap()
 }
 
-fn files(pki: &Pki) -> (tempfile::TempDir, PathBuf, PathBuf) {
+fn files(pki: &TestPki) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.crt");
     let token = dir.path().join("token");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
     std::fs::write(&token, "token-one\n").unwrap();
     (dir, ca, token)
 }
 
 #[tokio::test]
 async fn reads_annotations_over_https_with_the_cluster_ca_and_a_fresh_bearer_token() {
-    let pki = pki();
+    let pki = TestPki::new();
     let api = fake_api(&pki).await;
     let (_dir, ca, token) = files(&pki);
     let sa = lookup(&api, &ca, &token, Duration::ZERO);
@@ -181,7 +163,7 @@ async fn reads_annotations_over_https_with_the_cluster_ca_and_a_fresh_bearer_tok
 
 #[tokio::test]
 async fn answers_are_cached_for_the_ttl() {
-    let pki = pki();
+    let pki = TestPki::new();
     let api = fake_api(&pki).await;
     let (_dir, ca, token) = files(&pki);
     let sa = lookup(&api, &ca, &token, Duration::from_secs(3600));
@@ -194,7 +176,7 @@ async fn answers_are_cached_for_the_ttl() {
 
 #[tokio::test]
 async fn a_failed_refresh_uses_the_last_known_answer_and_no_answer_is_an_error() {
-    let pki = pki();
+    let pki = TestPki::new();
     let api = fake_api(&pki).await;
     let (_dir, ca, token) = files(&pki);
     let sa = lookup(&api, &ca, &token, Duration::ZERO);
@@ -215,7 +197,7 @@ async fn a_failed_refresh_uses_the_last_known_answer_and_no_answer_is_an_error()
 
 #[tokio::test]
 async fn a_missing_account_has_no_identity() {
-    let pki = pki();
+    let pki = TestPki::new();
     let api = fake_api(&pki).await;
     let (_dir, ca, token) = files(&pki);
     {
@@ -232,9 +214,9 @@ async fn a_missing_account_has_no_identity() {
 
 #[tokio::test]
 async fn an_untrusted_api_server_certificate_is_refused() {
-    let pki = pki();
+    let pki = TestPki::new();
     let api = fake_api(&pki).await;
-    let other = self::pki();
+    let other = TestPki::new();
     let (_dir, ca, token) = files(&other);
     let sa = lookup(&api, &ca, &token, Duration::ZERO);
     let err = sa.lookup("velero", "velero-server").await.unwrap_err();
@@ -244,7 +226,7 @@ async fn an_untrusted_api_server_certificate_is_refused() {
 
 #[tokio::test]
 async fn a_hanging_api_server_times_out() {
-    let pki = pki();
+    let pki = TestPki::new();
     let api = fake_api(&pki).await;
     let (_dir, ca, token) = files(&pki);
     api.state.lock().unwrap().hang = true;
@@ -257,7 +239,7 @@ async fn a_hanging_api_server_times_out() {
 
 #[tokio::test]
 async fn unusable_names_and_token_files_are_errors_not_requests() {
-    let pki = pki();
+    let pki = TestPki::new();
     let api = fake_api(&pki).await;
     let (dir, ca, _token) = files(&pki);
     let sa = lookup(&api, &ca, &dir.path().join("missing-token"), Duration::ZERO);

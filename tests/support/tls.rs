@@ -25,6 +25,7 @@ pub struct TestPki {
     server_cert_pem: String,
     server_cert_der: CertificateDer<'static>,
     server_key_der: PrivatePkcs8KeyDer<'static>,
+    server_key_pem: String,
     ca_file: PathBuf,
     server_cert_file: PathBuf,
     server_key_file: PathBuf,
@@ -79,7 +80,7 @@ impl TestPki {
         for (path, contents) in [
             (&ca_file, ca_cert.pem()),
             (&server_cert_file, server_cert.pem()),
-            (&server_key_file, server_key_pem),
+            (&server_key_file, server_key_pem.clone()),
         ] {
             std::fs::write(path, contents)
                 .unwrap_or_else(|e| panic!("test PKI: write {}: {e}", path.display()));
@@ -91,6 +92,7 @@ impl TestPki {
             server_cert_pem: server_cert.pem(),
             server_cert_der: server_cert.der().clone(),
             server_key_der: PrivatePkcs8KeyDer::from(server_key.serialize_der()),
+            server_key_pem,
             ca_file,
             server_cert_file,
             server_key_file,
@@ -119,6 +121,14 @@ impl TestPki {
     }
 
     /// Path of the server certificate PEM file (for TLS servers under test, e.g. the webhook).
+    pub fn server_cert_der(&self) -> &CertificateDer<'static> {
+        &self.server_cert_der
+    }
+
+    pub fn server_key_pem(&self) -> &str {
+        &self.server_key_pem
+    }
+
     pub fn server_cert_file(&self) -> &Path {
         &self.server_cert_file
     }
