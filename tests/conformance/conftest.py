@@ -42,6 +42,16 @@ IDENTITY_HEADER = "conformance-identity-header-5ecr3t"
 TOKEN_LIFETIME = 5000
 
 
+# (lang, kind) -> name in the results table; shared by the env-based and transparent suites.
+CLIENTS = {
+    ("python", "mic"): "Python azure-identity ManagedIdentityCredential",
+    ("python", "dac"): "Python azure-identity DefaultAzureCredential",
+    ("python", "msal"): "Python msal ManagedIdentityClient",
+    ("node", "mic"): "Node @azure/identity ManagedIdentityCredential",
+    ("node", "dac"): "Node @azure/identity DefaultAzureCredential",
+    ("rust", "mic"): "Rust azure_identity ManagedIdentityCredential",
+}
+
 def wait_for(cond, timeout, what, interval=0.05):
     """Polls cond() until it returns a truthy value; fails with `what` after `timeout` s."""
     deadline = time.monotonic() + timeout

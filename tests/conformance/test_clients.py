@@ -17,6 +17,7 @@ import pytest
 
 from conftest import (
     ARM,
+    CLIENTS,
     REFUSED,
     STORAGE,
     TOKEN_LIFETIME,
@@ -30,15 +31,6 @@ from conftest import (
     wait_for,
 )
 
-# (lang, kind) -> name in the results table.
-CLIENTS = {
-    ("python", "mic"): "Python azure-identity ManagedIdentityCredential",
-    ("python", "dac"): "Python azure-identity DefaultAzureCredential",
-    ("python", "msal"): "Python msal ManagedIdentityClient",
-    ("node", "mic"): "Node @azure/identity ManagedIdentityCredential",
-    ("node", "dac"): "Node @azure/identity DefaultAzureCredential",
-    ("rust", "mic"): "Rust azure_identity ManagedIdentityCredential",
-}
 PROTOCOLS = ("appservice", "imds")
 # Clients whose own retry policy retries a 503 (so one get_token call must succeed). Plain MSAL
 # Python has none: the application calls again, as a long-running program does.

@@ -29,6 +29,7 @@ import pytest
 from conftest import (
     ARM,
     BROKER_BIN,
+    CLIENTS,
     IP_BIN,
     REFUSED,
     STORAGE,
@@ -213,21 +214,13 @@ def test_broker_binds_port_80_without_root_or_capabilities(pod):
     assert "\nCapEff:\t0000000000000000" in status, status
 
 
-TRANSPARENT_CLIENTS = {
-    ("python", "mic"): "Python azure-identity ManagedIdentityCredential",
-    ("python", "dac"): "Python azure-identity DefaultAzureCredential",
-    ("python", "msal"): "Python msal ManagedIdentityClient",
-    ("node", "mic"): "Node @azure/identity ManagedIdentityCredential",
-    ("node", "dac"): "Node @azure/identity DefaultAzureCredential",
-    ("rust", "mic"): "Rust azure_identity ManagedIdentityCredential",
-}
 PROTOCOL = "transparent IMDS (169.254.169.254, no env)"
 
 
 def transparent_params(case):
     return [pytest.param(lang, kind, id=f"{lang}-{kind}",
                          marks=pytest.mark.matrix(name, PROTOCOL, case))
-            for (lang, kind), name in TRANSPARENT_CLIENTS.items()]
+            for (lang, kind), name in CLIENTS.items()]
 
 
 @pytest.fixture(scope="module")
