@@ -13,7 +13,7 @@
 use crate::assertion::{now_unix, AssertionError};
 use crate::exchange::{ExchangeError, Exchanger, Token};
 use crate::metrics::{CacheResult, Metrics, Outcome, TokenLabels};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -151,7 +151,8 @@ pub struct BrokerConfig {
 
 pub struct Broker {
     identity: Identity,
-    allow: Option<HashSet<String>>,
+    /// Allowed resources as [`resource_key`]s; compared case-insensitively.
+    allow: Option<Vec<String>>,
     allow_display: String,
     retry: RetryPolicy,
     exchanger: Arc<dyn Exchanger>,
@@ -184,7 +185,7 @@ impl Broker {
         let allow = config
             .allow_resources
             .as_ref()
-            .map(|list| list.iter().map(|r| normalize_resource(r)).collect());
+            .map(|list| list.iter().map(|r| resource_key(r).to_owned()).collect());
         let allow_display = config
             .allow_resources
             .as_ref()
@@ -218,20 +219,25 @@ impl Broker {
                 .as_deref()
                 .is_some_and(|c| c.eq_ignore_ascii_case(asked))
         };
-        let (ok, named) = match selector {
-            Selector::Default => (true, String::new()),
-            Selector::ClientId(c) => (
-                c.eq_ignore_ascii_case(&id.client_id),
-                format!("client_id {c}"),
-            ),
-            Selector::ObjectId(o) => (matches(&id.object_id, o), format!("object_id {o}")),
-            Selector::ResourceId(r) => (matches(&id.resource_id, r), format!("resource id {r}")),
+        // The description is built only for a refusal: this runs on every request.
+        let refused = match selector {
+            Selector::Default => None,
+            Selector::ClientId(c) => {
+                (!c.eq_ignore_ascii_case(&id.client_id)).then(|| format!("client_id {c}"))
+            }
+            Selector::ObjectId(o) => (!matches(&id.object_id, o)).then(|| format!("object_id {o}")),
+            Selector::ResourceId(r) => {
+                (!matches(&id.resource_id, r)).then(|| format!("resource id {r}"))
+            }
         };
-        if !ok {
+        if let Some(named) = refused {
             return Err(BrokerError::IdentityNotFound(named, id.client_id.clone()));
         }
         if let Some(allow) = &self.allow {
-            if !allow.contains(&normalize_resource(resource)) {
+            // Compared in place (a handful of entries) rather than hashing a normalised copy
+            // of the resource on every request.
+            let asked = resource_key(resource);
+            if !allow.iter().any(|a| a.eq_ignore_ascii_case(asked)) {
                 return Err(BrokerError::ResourceRefused {
                     resource: resource.to_owned(),
                     allowed: self.allow_display.clone(),
@@ -545,10 +551,11 @@ fn unavailable(message: String, wait: Duration) -> BrokerError {
     }
 }
 
-/// Resource URIs compare without a trailing slash and case-insensitively, so an allow-list
-/// entry `https://storage.azure.com/` also admits `https://storage.azure.com`.
-pub fn normalize_resource(r: &str) -> String {
-    r.trim().trim_end_matches('/').to_ascii_lowercase()
+/// Resource URIs compare without surrounding space or a trailing slash, and
+/// case-insensitively, so an allow-list entry `https://storage.azure.com/` also admits
+/// `https://storage.azure.com`.
+fn resource_key(r: &str) -> &str {
+    r.trim().trim_end_matches('/')
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
