@@ -9,7 +9,8 @@
 #   docker build -t imds-broker:dev .
 #   az acr build --registry <acr> --image imds-broker:0.1.0 .     # no local Docker needed
 
-# ---- build: release binary, dependencies cached across builds (BuildKit cache mounts) ----
+# ---- build: the shipped binary (scripts/build-release: release, glibc linked statically),
+# dependencies cached across builds (BuildKit cache mounts) ----
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # The whole context (.dockerignore drops target/, .git, docs, manifests): Cargo resolves every
@@ -18,12 +19,12 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin imds-broker \
- && install -D -m 0755 target/release/imds-broker /out/imds-broker
+    dir=$(scripts/build-release | tail -n1) \
+ && install -D -m 0755 "$dir/imds-broker" /out/imds-broker
 
-# ---- runtime: distroless with glibc and libgcc (the binary is dynamically linked to them),
-# no shell, no package manager, non-root by default ----
-FROM gcr.io/distroless/cc-debian12:nonroot
+# ---- runtime: distroless static (CA certificates, /etc/nsswitch.conf, no libc: the binary is
+# statically linked), no shell, no package manager, non-root by default ----
+FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/imds-broker /imds-broker
 USER 65532:65532
 # 8400 token listener (loopback), 8401 admin (/healthz, /readyz, /metrics), 8443 webhook.

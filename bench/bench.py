@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -445,7 +446,21 @@ def start_up(cfg, procs, out, paths, fake):
     res["binary"] = str(paths["broker"])
     res["binary_bytes"] = len(data)
     res["binary_stripped"] = b".symtab" not in data
+    res["binary_linking"] = linking(data)
     return res
+
+
+def linking(elf):
+    """`static` or `dynamic`: whether the ELF asks for a program interpreter (PT_INTERP),
+    i.e. loads libc.so and friends at start-up."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        return "unknown"
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        if struct.unpack_from("<I", elf, phoff + i * phentsize)[0] == 3:  # PT_INTERP
+            return "dynamic"
+    return "static"
 
 
 # ---------------------------------------------------------------- soak
@@ -705,7 +720,8 @@ def render(res, targets, failures):
             v = st[k]
             L.append(f"| start-up to /readyz 200 ({k} mode, {len(v['runs_ms'])} runs) | "
                      f"median {v['median_ms']:.1f} ms, min {v['min_ms']:.1f}, max {v['max_ms']:.1f} |")
-        L.append(f"| binary {st.get('binary', '')} (stripped: {st['binary_stripped']}) | {st['binary_bytes'] / 2**20:.2f} MiB "
+        L.append(f"| binary {st.get('binary', '')} (stripped: {st['binary_stripped']}, "
+                 f"linking: {st.get('binary_linking', '?')}) | {st['binary_bytes'] / 2**20:.2f} MiB "
                  f"({st['binary_bytes']} bytes) |")
     soak = res.get("soak")
     if soak:

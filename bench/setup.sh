@@ -33,13 +33,15 @@ if [ ${#need[@]} -gt 0 ]; then
     [ -z "$policy_created" ] || "${sudo[@]}" rm -f /usr/sbin/policy-rc.d
 fi
 
-cargo_flags=()
-dir=target/debug
 if [ "$profile" = release ]; then
-    cargo_flags=(--release)
-    dir=target/release
+    # The shipped binary (static, scripts/build-release); the tools in a second invocation so
+    # their dev-dependency features do not change the broker.
+    scripts/build-release >/dev/null
+    dir=$(scripts/build-release --example bench_client --example fake_entra | tail -n1)
+else
+    cargo build --bin imds-broker --example bench_client --example fake_entra >&2
+    dir=target/debug
 fi
-cargo build "${cargo_flags[@]}" --bin imds-broker --example bench_client --example fake_entra >&2
 
 if [ "$plot" = --plot ]; then
     [ -x .venv/bin/python ] || python3 -m venv .venv >&2

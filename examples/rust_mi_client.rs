@@ -63,6 +63,10 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn get_token(args: &Args) -> azure_core::Result<azure_core::credentials::AccessToken> {
+    // This crate builds azure_core without its default TLS provider (the broker uses ring),
+    // so the application picks one, as any `rustls-no-provider` application does. The
+    // managed-identity endpoints are plain HTTP: the choice does not affect what is tested.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let options = ManagedIdentityCredentialOptions {
         user_assigned_id: args.client_id.clone().map(UserAssignedId::ClientId),
         ..Default::default()

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod assertion;
 pub mod broker;
 pub mod cli;
+pub mod crypto;
 pub mod exchange;
 pub mod logging;
 pub mod metrics;

@@ -6,6 +6,14 @@ use imds_broker::{logging, netns, serve, webhook};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // With RUST_BACKTRACE set (common when debugging), the Azure SDK's error values capture a
+    // backtrace even for an absent optional header, several times per Entra call: CPU on the
+    // cold path and ~0.4 MiB of unwind tables paged in (bench/RESULTS.md). Library backtraces
+    // are off unless RUST_LIB_BACKTRACE asks; panics still honour RUST_BACKTRACE. Set before
+    // any thread exists.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

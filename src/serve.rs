@@ -22,10 +22,6 @@ pub const EMULATOR_TENANT_ID: &str = "22222222-2222-2222-2222-222222222222";
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    // Seed AWS-LC's random generator now, on a spare thread: its first use (the first TLS
-    // handshake with Entra) spends ~20 ms of CPU sampling jitter entropy, which otherwise
-    // lands on the first token request (bench/RESULTS.md, cold path).
-    std::thread::spawn(|| aws_lc_rs::rand::fill(&mut [0u8; 1]));
     let metrics = Arc::new(Metrics::new());
     let (exchanger, client_id) = exchanger(&args)?;
     let allow = (!args.allow_resources.is_empty()).then(|| non_empty(&args.allow_resources));

@@ -140,6 +140,7 @@ async fn valid_assertion_gets_distinct_tokens_per_call() {
 async fn client_without_the_test_ca_is_refused() {
     let fake = FakeEntra::start();
     // Default roots only: the fake's certificate must not verify.
+    imds_broker::crypto::install_default();
     let untrusting = reqwest::Client::builder().build().unwrap();
     let err = TokenRequest::valid(&fake)
         .send(&fake, &untrusting)

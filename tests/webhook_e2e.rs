@@ -156,6 +156,7 @@ fn client(cas: &[&str]) -> reqwest::Client {
     let certs = cas
         .iter()
         .map(|pem| reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
+    imds_broker::crypto::install_default();
     reqwest::Client::builder()
         .tls_certs_only(certs)
         .tls_info(true)

@@ -4,16 +4,20 @@
 
 use super::{ExchangeError, Exchanger, Token};
 use crate::assertion::now_unix;
-use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub struct Emulator {
-    key: EncodingKey,
-    kid: String,
+    key: EcdsaKeyPair,
+    rng: SystemRandom,
+    /// base64url of the JOSE header (`alg`, `typ`, `kid`), the same for every token.
+    header: String,
     tenant_id: String,
     lifetime: Duration,
     serial: AtomicU64,
@@ -39,15 +43,19 @@ struct Claims<'a> {
 
 impl Emulator {
     pub fn new(tenant_id: &str, lifetime: Duration) -> anyhow::Result<Self> {
-        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
             .map_err(|_| anyhow::anyhow!("cannot generate the emulator's signing key"))?;
-        let key = EncodingKey::from_ec_der(pkcs8.as_ref());
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .map_err(|_| anyhow::anyhow!("cannot load the emulator's signing key"))?;
         let mut kid = [0u8; 8];
         getrandom::fill(&mut kid).map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
+        let kid: String = kid.iter().map(|b| format!("{b:02x}")).collect();
+        let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": kid});
         Ok(Emulator {
             key,
-            kid: kid.iter().map(|b| format!("{b:02x}")).collect(),
+            rng,
+            header: URL_SAFE_NO_PAD.encode(header.to_string()),
             tenant_id: tenant_id.to_owned(),
             lifetime: lifetime.max(Duration::from_secs(60)),
             serial: AtomicU64::new(0),
@@ -79,14 +87,20 @@ impl Exchanger for Emulator {
             imds_broker_emulated: true,
             uti: format!("emulated-{serial}"),
         };
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.kid.clone());
-        let jwt = jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| {
-            ExchangeError::Transient {
-                message: format!("emulator could not sign a token: {e}"),
-                retry_after: None,
-            }
-        })?;
+        // JWS compact serialisation (RFC 7515 §7.1), signed with ring directly: jsonwebtoken's
+        // signing backends are AWS-LC or RustCrypto, either of which would add a second crypto
+        // library to the binary for this one signature.
+        let claims = serde_json::to_vec(&claims).expect("claims serialise");
+        let mut jwt = format!("{}.{}", self.header, URL_SAFE_NO_PAD.encode(claims));
+        let signature =
+            self.key
+                .sign(&self.rng, jwt.as_bytes())
+                .map_err(|_| ExchangeError::Transient {
+                    message: "emulator could not sign a token (no system randomness?)".to_owned(),
+                    retry_after: None,
+                })?;
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut jwt);
         Ok(Token {
             access_token: Arc::from(jwt),
             expires_on: exp,
@@ -121,5 +135,25 @@ mod tests {
             .await
             .unwrap();
         assert_ne!(t.access_token, t2.access_token);
+    }
+
+    #[tokio::test]
+    async fn tokens_are_es256_signed_by_the_emulator_key() {
+        use ring::signature::{KeyPair as _, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
+        let e = Emulator::new("tenant", Duration::from_secs(3600)).unwrap();
+        let t = e.exchange("client", "res").await.unwrap();
+        let (signed, sig) = t.access_token.rsplit_once('.').unwrap();
+        let header: serde_json::Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(signed.split('.').next().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(header["alg"], "ES256");
+        assert_eq!(header["kid"].as_str().unwrap().len(), 16);
+        let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, e.key.public_key().as_ref());
+        let sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        public.verify(signed.as_bytes(), &sig).unwrap();
+        assert!(public.verify(b"tampered", &sig).is_err());
     }
 }

@@ -36,6 +36,7 @@ pub struct EntraConfig<'a> {
 impl EntraExchanger {
     pub fn new(config: EntraConfig<'_>) -> anyhow::Result<Self> {
         let authority = url_checked(config.authority_host)?;
+        crate::crypto::install_default();
         let mut http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))

@@ -151,6 +151,7 @@ struct Cached {
 impl ServiceAccountLookup {
     pub fn new(api: ApiConfig, ttl: Duration) -> anyhow::Result<Self> {
         use anyhow::Context;
+        crate::crypto::install_default();
         let mut builder = reqwest::Client::builder()
             .timeout(api.timeout)
             .connect_timeout(api.timeout)

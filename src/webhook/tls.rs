@@ -48,7 +48,7 @@ impl std::fmt::Debug for ReloadingCert {
 impl ReloadingCert {
     /// Loads the pair; fails (with the file names) if it cannot be used.
     pub fn load(cert_path: &Path, key_path: &Path) -> anyhow::Result<Self> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = crate::crypto::provider();
         let (cert_pem, key_pem) = read_pair(cert_path, key_path)?;
         let key = certified_key(&cert_pem, &key_pem, &provider).with_context(|| {
             format!(

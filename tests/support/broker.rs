@@ -173,11 +173,14 @@ impl BrokerBuilder {
             logs,
             log_events: rx,
             identity_header: self.identity_header,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: {
+                imds_broker::crypto::install_default();
+                reqwest::Client::builder()
+                    .no_proxy()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .unwrap()
+            },
         }
     }
 }

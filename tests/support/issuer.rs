@@ -9,7 +9,6 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::signature::KeyPair as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
@@ -146,14 +145,14 @@ impl TestIssuer {
             .expect("test issuer: parse tests/fixtures/test-issuer-key.pem for signing");
         let pkcs8 = PrivatePkcs8KeyDer::from_pem_slice(KEY_PEM.as_bytes())
             .expect("test issuer: test-issuer-key.pem is not a PKCS#8 PEM");
-        let key_pair = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(pkcs8.secret_pkcs8_der())
+        let key_pair = ring::signature::RsaKeyPair::from_pkcs8(pkcs8.secret_pkcs8_der())
             .expect("test issuer: test-issuer-key.pem is not an RSA key");
-        let public = key_pair.public_key();
+        let public: ring::rsa::PublicKeyComponents<Vec<u8>> = key_pair.public().into();
         TestIssuer {
             iss: iss.into(),
             encoding_key,
-            n: URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero()),
-            e: URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero()),
+            n: URL_SAFE_NO_PAD.encode(public.n),
+            e: URL_SAFE_NO_PAD.encode(public.e),
         }
     }
 

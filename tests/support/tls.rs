@@ -146,7 +146,7 @@ impl TestPki {
     /// A rustls server config presenting the server certificate, HTTP/1.1 only (the ALPN
     /// answer keeps clients that offer h2 on HTTP/1.1, which is all the fake speaks).
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = imds_broker::crypto::provider();
         let key = PrivateKeyDer::Pkcs8(self.server_key_der.clone_key());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -163,6 +163,7 @@ impl TestPki {
     pub fn reqwest_client(&self) -> reqwest::Client {
         let ca = reqwest::Certificate::from_der(self.ca_der.as_ref())
             .expect("test PKI: CA certificate for reqwest");
+        imds_broker::crypto::install_default();
         reqwest::Client::builder()
             .tls_certs_only([ca])
             .build()
