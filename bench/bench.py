@@ -58,7 +58,7 @@ TARGET_STARTUP_MS = 50.0
 MODES = {
     # concurrencies, seconds per wrk run, rounds, warm-up seconds, cold connections,
     # start-up runs, soak: token lifetime, lead, seconds, rate, connections, margin slack
-    "full": dict(conns=[1, 16, 64, 256], wrk_secs=10, rounds=3, warmup_secs=1,
+    "full": dict(conns=[1, 16, 64, 256], wrk_secs=6, rounds=5, warmup_secs=1,
                  cold_n=1000, startup_runs=20, soak_lifetime=300, soak_lead=10,
                  soak_secs=600, soak_rate=1000, soak_conns=10, margin_slack=5,
                  soak_parallel=False),
@@ -308,6 +308,24 @@ class Nginx:
         self.worker = int(kids[0]) if kids else self.proc.pid
 
 
+class HyperRef:
+    """examples/hyper_static: bare hyper 1 + Tokio (one worker) answering with the same body —
+    the cost of the broker's HTTP stack alone, to split a broker/nginx gap into stack and
+    broker work."""
+
+    def __init__(self, procs, binary, out, body, cpu=None):
+        path = out / "hyper-body.json"
+        path.write_bytes(body)
+        self.port = free_port()
+        env = dict(os.environ, TOKIO_WORKER_THREADS="1")
+        self.proc = procs.start(pinned([str(binary), "--port", str(self.port), "--body", str(path)], cpu),
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        if read_line(self.proc.stdout, 10) is None:
+            raise Failure("hyper_static did not start")
+        self.pid = self.proc.pid
+
+
 def nginx_binary():
     for p in ("nginx", "/usr/sbin/nginx"):
         found = shutil.which(p)
@@ -335,24 +353,27 @@ def run_wrk(port, target, header, conns, secs, cpu):
     return r
 
 
-def hot_path(cfg, procs, out, broker, nginx, pin):
+def hot_path(cfg, procs, out, broker, nginx, pin, hyper=None):
     """Interleaves targets per concurrency and round, so drifting background load hits all."""
     targets = {
         "imds": (broker.port, IMDS_TARGET, IMDS_HEADER, broker.pid),
         "app_service": (broker.port, APP_TARGET, APP_HEADER, broker.pid),
         "nginx": (nginx.port, IMDS_TARGET, IMDS_HEADER, nginx.worker),
     }
+    if hyper:
+        targets["hyper"] = (hyper.port, IMDS_TARGET, IMDS_HEADER, hyper.pid)
     names = list(targets)
     runs = {n: {c: [] for c in cfg["conns"]} for n in names}
     peak = {"broker_kib": 0, "nginx_worker_kib": 0, "method": "VmHWM after clear_refs"}
     for rnd in range(cfg["rounds"]):
         for c in cfg["conns"]:
-            order = names[rnd % 3:] + names[:rnd % 3]
+            k = rnd % len(names)
+            order = names[k:] + names[:k]
             for n in order:
                 port, target, header, pid = targets[n]
                 if cfg["warmup_secs"]:
                     run_wrk(port, target, header, c, cfg["warmup_secs"], pin[0])
-                is_peak_run = c == max(cfg["conns"])
+                is_peak_run = c == max(cfg["conns"]) and n != "hyper"
                 if is_peak_run and not reset_peak_rss(pid):
                     peak["method"] = "VmHWM since start (clear_refs unavailable)"
                 cpu0 = cpu_seconds(pid)
@@ -680,7 +701,7 @@ def render(res, targets, failures):
         L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in s["nginx"]:
             ng = s["nginx"][c]
-            for n in ("imds", "app_service", "nginx"):
+            for n in [n for n in ("imds", "app_service", "hyper", "nginx") if n in s]:
                 row = s[n][c]
                 rr = "" if n == "nginx" else f"{row['rps'] / ng['rps']:.2f}"
                 pr = "" if n == "nginx" else f"{row['p99_us'] / max(ng['p99_us'], 1):.2f}"
@@ -758,6 +779,8 @@ def main():
     ap.add_argument("--broker", type=Path, default=ROOT / "target/release/imds-broker")
     ap.add_argument("--client", type=Path, default=ROOT / "target/release/examples/bench_client")
     ap.add_argument("--fake", type=Path, default=ROOT / "target/release/examples/fake_entra")
+    ap.add_argument("--hyper", type=Path, default=None,
+                    help="examples/hyper_static: adds bare hyper as a hot-path reference")
     ap.add_argument("--no-pin", action="store_true", help="do not pin server and client to CPUs")
     ap.add_argument("--wait-quiet", type=float, default=0,
                     help="wait up to this many seconds for 1-min load < --quiet-load")
@@ -773,6 +796,8 @@ def main():
             cfg[k] = getattr(args, k)
     only = set(args.only.split(","))
     paths = {"broker": args.broker, "client": args.client, "fake": args.fake}
+    if args.hyper:
+        paths["hyper"] = args.hyper
     for k, p in paths.items():
         if not p.exists():
             raise SystemExit(f"{k} binary {p} missing (bench/run.sh builds it)")
@@ -827,7 +852,11 @@ def main():
             res["broker_threads"] = threads(broker.pid)
             res["body_bytes"] = len(bodies["imds"])
             nginx = Nginx(procs, args.out, bodies["imds"], cpu=pin[1])
-            res["hot_path"] = hot_path(cfg, procs, args.out, broker, nginx, pin)
+            hyper = (HyperRef(procs, paths["hyper"], args.out, bodies["imds"], cpu=pin[1])
+                     if paths.get("hyper") else None)
+            res["hot_path"] = hot_path(cfg, procs, args.out, broker, nginx, pin, hyper)
+            if hyper:
+                procs.stop(hyper.proc)
             res["entra_calls_hot"] = fake.calls()
             procs.stop(nginx.proc)
             procs.stop(broker.proc)

@@ -10,6 +10,7 @@ dir=$(bench/setup.sh release --plot | tail -n1)
 status=0
 python3 bench/bench.py --mode full --out bench/out \
     --broker "$dir/imds-broker" --client "$dir/examples/bench_client" --fake "$dir/examples/fake_entra" \
+    --hyper "$dir/examples/hyper_static" \
     --wait-quiet "${BENCH_WAIT_QUIET:-2700}" "$@" || status=$?
 if [ -f bench/out/results.json ]; then
     .venv/bin/python bench/plot.py bench/out/results.json bench/latency.png

@@ -11,4 +11,5 @@ cd "$(dirname "$0")/.."
 ulimit -n 8192 2>/dev/null || true
 dir=$(bench/setup.sh "${BENCH_PROFILE:-release}" | tail -n1)
 exec python3 bench/bench.py --mode smoke --out bench/out/smoke \
-    --broker "$dir/imds-broker" --client "$dir/examples/bench_client" --fake "$dir/examples/fake_entra" "$@"
+    --broker "$dir/imds-broker" --client "$dir/examples/bench_client" --fake "$dir/examples/fake_entra" \
+    --hyper "$dir/examples/hyper_static" "$@"
