@@ -9,7 +9,7 @@ use tracing_subscriber::prelude::*;
 /// RUST_LOG takes `level` or `target=level` directives, comma-separated (e.g. `debug` or
 /// `info,imds_broker=trace`). This is tracing-subscriber's `Targets` filter rather than
 /// `EnvFilter`: span and field filters are not needed here, and `EnvFilter`'s regex engine
-/// would add ~0.4 MiB to every pod's resident memory (bench/RESULTS.md).
+/// would add ~0.3 MiB to every pod's resident memory (bench/RESULTS.md).
 pub fn init(format: LogFormat) {
     let spec = std::env::var("RUST_LOG").unwrap_or_default();
     let (filter, bad) = parse_filter(&spec);

@@ -11,8 +11,8 @@ use support::broker::{token_dir, BrokerBuilder, IDENTITY_HEADER, STORAGE};
 use support::fake_entra::{FakeAccessToken, FakeEntra};
 
 fn credential(id: Option<UserAssignedId>) -> std::sync::Arc<ManagedIdentityCredential> {
-    // azure_core is built without a default TLS provider here (see examples/rust_mi_client.rs).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // azure_core is built without a default TLS provider (see examples/rust_mi_client.rs).
+    imds_broker::crypto::install_default();
     ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
         user_assigned_id: id,
         ..Default::default()

@@ -91,6 +91,8 @@ impl BrokerBuilder {
 
     /// Starts the broker and waits for its "listening" log line (an event, not a sleep).
     pub async fn spawn(self) -> Broker {
+        // The harness's client is built below; reqwest needs the process crypto provider.
+        imds_broker::crypto::install_default();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imds-broker"));
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
@@ -173,14 +175,11 @@ impl BrokerBuilder {
             logs,
             log_events: rx,
             identity_header: self.identity_header,
-            http: {
-                imds_broker::crypto::install_default();
-                reqwest::Client::builder()
-                    .no_proxy()
-                    .timeout(Duration::from_secs(30))
-                    .build()
-                    .unwrap()
-            },
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
         }
     }
 }
