@@ -242,7 +242,7 @@ class Broker:
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
         if workers:
-            env["TOKIO_WORKER_THREADS"] = str(workers)
+            env["IMDS_BROKER_WORKER_THREADS"] = str(workers)
         self.argv = [str(binary), "serve", "--listen", f"127.0.0.1:{self.port}",
                      "--admin-listen", f"127.0.0.1:{self.admin}",
                      "--identity-header", SECRET]
@@ -807,7 +807,7 @@ def main():
 
     res = {"mode": args.mode, "params": cfg, "machine": machine_info(),
            "pinning": ("server (broker or nginx) on CPU 1, clients (wrk, bench_client, fake Entra) on CPU 0; "
-                       "broker TOKIO_WORKER_THREADS=1, nginx worker_processes 1"
+                       "broker IMDS_BROKER_WORKER_THREADS=1, nginx worker_processes 1"
                        if pin[0] is not None else "none")}
     quiet = wait_quiet(args.quiet_load, args.wait_quiet) if args.wait_quiet else {"quiet": None}
     res["quiet"] = quiet

@@ -258,6 +258,15 @@ impl Broker {
         if let Some(token) = self.cached(&entry) {
             return Ok(token);
         }
+        // Boxed: the exchange's state is over a kilobyte and only a cache miss needs it.
+        // Inline, it made every request's future that large, and hyper and Tokio move a
+        // request's future several times (~800 instructions per cached answer,
+        // bench/RESULTS.md).
+        Box::pin(self.miss(entry)).await
+    }
+
+    /// The slow path: wait for the entry's exchange, or run it (coalescing).
+    async fn miss(self: &Arc<Self>, entry: Arc<Entry>) -> Result<Arc<Token>, BrokerError> {
         self.metrics.cache(CacheResult::miss);
         let _guard = entry.fetch.lock().await;
         // Whoever held the lock before us may have fetched the token (coalescing).

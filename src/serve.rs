@@ -10,9 +10,8 @@ use crate::exchange::entra::{EntraConfig, EntraExchanger};
 use crate::exchange::Exchanger;
 use crate::metrics::Metrics;
 use crate::protocol::app_service::IdentityHeader;
-use crate::protocol::{imds, ApiError, TokenService};
+use crate::protocol::TokenService;
 use crate::server::{self, Limits};
-use hyper::StatusCode;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -74,6 +73,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .identity_header
             .as_deref()
             .and_then(IdentityHeader::new),
+        request_timeout: args.request_timeout,
     });
     let admin = Admin {
         readiness: {
@@ -99,23 +99,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for listener in token_listeners {
         let service = service.clone();
-        let timeout = args.request_timeout;
-        let handler = move |req, _peer| {
-            let service = service.clone();
-            async move {
-                match tokio::time::timeout(timeout, service.handle(req)).await {
-                    Ok(resp) => resp,
-                    Err(_) => imds::error_response(&ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        format!(
-                            "no token within {}s; Entra ID is slow or unreachable",
-                            timeout.as_secs()
-                        ),
-                    )),
-                }
-            }
-        };
+        // Checks the request at once (see `TokenService::handle`); only the lookup is awaited.
+        let handler = move |req, _peer| service.handle(req);
         tasks.spawn(server::serve(
             listener,
             handler,

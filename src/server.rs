@@ -8,16 +8,21 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+// Tokio's clock: the same as std's, except that tests can pause it.
+use tokio::time::Instant;
 
 pub type Body = Full<Bytes>;
 
@@ -26,7 +31,10 @@ pub type Body = Full<Bytes>;
 pub struct Limits {
     /// Concurrent connections; further connections wait in the kernel backlog.
     pub max_connections: usize,
-    /// Time to receive a complete request head (slowloris guard; also the idle keep-alive limit).
+    /// Time a connection gets, while no request of it is being answered, to deliver a complete
+    /// request head after it opened or after its last answer was ready; then it is closed.
+    /// Guards against slow heads (slowloris), idle keep-alive connections, and clients that
+    /// stop reading their answers. See [`HeadDeadline`].
     pub header_read_timeout: Duration,
     /// Read buffer cap, i.e. the largest request head accepted (hyper's minimum is 8 KiB).
     pub max_header_bytes: usize,
@@ -144,10 +152,11 @@ pub async fn serve_with<W, WF, IO, H, F>(
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
+    // No hyper timer: its `header_read_timeout` arms and cancels a timer for every request;
+    // `HeadDeadline` enforces the limit instead.
+    http.max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
+    let head_limit = limits.header_read_timeout;
     let local = listener.local_addr().ok();
 
     loop {
@@ -183,13 +192,29 @@ pub async fn serve_with<W, WF, IO, H, F>(
                     return;
                 }
             };
-            let service = service_fn(move |req| {
-                let fut = handler(req, peer);
-                async move { Ok::<_, Infallible>(fut.await) }
-            });
+            let deadline = Arc::new(HeadDeadline::new());
+            let service = {
+                let deadline = deadline.clone();
+                service_fn(move |req| {
+                    deadline.answering();
+                    let deadline = deadline.clone();
+                    let fut = handler(req, peer);
+                    async move {
+                        let resp = fut.await;
+                        deadline.answered();
+                        Ok::<_, Infallible>(resp)
+                    }
+                })
+            };
             let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            tokio::select! {
+                biased;
+                ended = conn => if let Err(e) = ended {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                },
+                () = deadline.missed(head_limit) => {
+                    tracing::debug!(%peer, limit = ?head_limit, "connection closed: no complete request head in time");
+                }
             }
         });
     }
@@ -200,6 +225,75 @@ pub async fn serve_with<W, WF, IO, H, F>(
         .is_err()
     {
         tracing::warn!(listener = ?local, "in-flight connections did not finish within the grace period");
+    }
+}
+
+/// The request-head deadline of one connection, kept without a timer per request.
+///
+/// hyper's own `header_read_timeout` boxes a sleep for every request head and registers and
+/// cancels it in the timer wheel: ~1,600 instructions per request, a tenth of the broker's
+/// whole hot path (bench/RESULTS.md). Here a request costs two stores and a clock read; the
+/// connection's one sleep is moved only when it fires. While a request is being answered the
+/// deadline does not run (the handler bounds its own time); once the answer is ready the
+/// next head must arrive in time, so a client that stops reading answers is closed too.
+struct HeadDeadline {
+    opened: Instant,
+    /// Milliseconds from `opened` to the moment the connection last became idle (opened, or
+    /// an answer was ready); [`HeadDeadline::BUSY`] while a request is being answered.
+    idle_since_ms: AtomicU64,
+}
+
+impl HeadDeadline {
+    const BUSY: u64 = u64::MAX;
+
+    fn new() -> Self {
+        HeadDeadline {
+            opened: Instant::now(),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A complete request head arrived: the deadline stops.
+    fn answering(&self) {
+        self.idle_since_ms.store(Self::BUSY, Ordering::Relaxed);
+    }
+
+    /// The answer is ready: the next head is due within the limit from now.
+    fn answered(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.idle_since_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once the connection has been idle for `limit` without a complete head.
+    async fn missed(&self, limit: Duration) {
+        let mut sleep = pin!(tokio::time::sleep_until(self.opened + limit));
+        loop {
+            sleep.as_mut().await;
+            let now = Instant::now();
+            let due = match self.idle_since_ms.load(Ordering::Relaxed) {
+                Self::BUSY => now + limit,
+                ms => self.opened + Duration::from_millis(ms) + limit,
+            };
+            if due <= now {
+                return;
+            }
+            sleep.as_mut().reset(due);
+        }
+    }
+}
+
+/// `tokio::time::timeout` whose clock starts only if `fut` is not ready on its first poll.
+/// A cached token is answered on the first poll, and arming a timer for it cost ~340
+/// instructions per request (bench/RESULTS.md); a request that has to wait gets the limit from
+/// that first poll, which is when it started.
+pub async fn timeout_if_pending<F: Future>(
+    limit: Duration,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut fut = pin!(fut);
+    match poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        Poll::Ready(out) => Ok(out),
+        Poll::Pending => tokio::time::timeout(limit, fut).await,
     }
 }
 
@@ -233,5 +327,55 @@ pub async fn termination_signal() {
             // Without signal handlers (should not happen on Linux) fall back to Ctrl-C only.
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::pending;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_misses_its_deadline_after_the_limit() {
+        let d = HeadDeadline::new();
+        let limit = Duration::from_secs(30);
+        d.missed(limit).await;
+        assert_eq!(d.opened.elapsed(), limit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_stops_while_answering_and_restarts_after_the_answer() {
+        let d = HeadDeadline::new();
+        let limit = Duration::from_secs(30);
+        d.answering();
+        // Busy for three limits: not missed.
+        let busy = tokio::time::timeout(3 * limit, d.missed(limit)).await;
+        assert!(
+            busy.is_err(),
+            "a request being answered must not close the connection"
+        );
+        d.answered();
+        let answered_at = Instant::now();
+        d.missed(limit).await;
+        // Restarted from the answer (to the millisecond it is recorded with).
+        let idle = answered_at.elapsed();
+        assert!(
+            idle >= limit - Duration::from_millis(1) && idle <= limit,
+            "{idle:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_if_pending_arms_only_for_pending_futures() {
+        let limit = Duration::from_secs(5);
+        assert_eq!(timeout_if_pending(limit, async { 7 }).await.unwrap(), 7);
+        let started = Instant::now();
+        assert!(timeout_if_pending(limit, pending::<()>()).await.is_err());
+        assert_eq!(started.elapsed(), limit);
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            8
+        };
+        assert_eq!(timeout_if_pending(limit, slow).await.unwrap(), 8);
     }
 }

@@ -396,6 +396,43 @@ async fn transient_failures_are_retried_within_the_request() {
 }
 
 #[tokio::test]
+async fn a_slow_entra_gets_504_in_each_protocols_format_and_is_counted() {
+    let fake = FakeEntra::start();
+    fake.push_faults([
+        Fault::Delay(Duration::from_secs(3)),
+        Fault::Delay(Duration::from_secs(3)),
+    ]);
+    let (_dir, tf) = token_dir(&fake);
+    let broker = BrokerBuilder::entra(&fake, &tf)
+        .args(["--request-timeout", "1s"])
+        .spawn()
+        .await;
+    let started = Instant::now();
+    let imds = broker.imds_token(STORAGE).await;
+    assert_eq!(imds.status, 504, "{}", imds.raw);
+    assert_eq!(imds.field("error"), "timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered at the request timeout"
+    );
+    let app = broker
+        .app_service(&format!("api-version=2019-08-01&resource={ARM}"))
+        .await;
+    assert_eq!(app.status, 504, "{}", app.raw);
+    // App Service's own error shape (MSAL reads statusCode/message).
+    assert_eq!(app.body["statusCode"], 504, "{}", app.raw);
+    assert!(app.body["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("no token within 1s"));
+    for endpoint in ["imds", "app_service"] {
+        let sample =
+            format!("imds_broker_http_requests_total{{endpoint=\"{endpoint}\",status=\"504\"}}");
+        assert_eq!(broker.metric(&sample).await, 1.0, "{sample}");
+    }
+}
+
+#[tokio::test]
 async fn retry_after_is_honoured_before_calling_entra_again() {
     let fake = FakeEntra::start();
     fake.push_fault(Fault::StatusRetryAfter(429, 2));

@@ -1,15 +1,18 @@
 //! The App Service managed-identity endpoint (api-version 2019-08-01), selected by every SDK
 //! from `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` alone — no link-local address, no iptables.
 
-use super::{require_get, with_retry_after, ApiError, Query, SelectorParam, TokenService};
+use super::{require_get, with_retry_after, ApiError, Lookup, Query, SelectorParam};
 use crate::broker::Selector;
 use crate::server::{json_response, Body};
-use bytes::Bytes;
 use hyper::body::Incoming;
+use hyper::header::HeaderName;
 use hyper::{Request, Response, StatusCode};
 use subtle::ConstantTimeEq;
 
 pub const API_VERSION: &str = "2019-08-01";
+
+/// Prepared, so a lookup does not parse the name (see `imds`).
+const X_IDENTITY_HEADER: HeaderName = HeaderName::from_static("x-identity-header");
 
 const SELECTORS: &[SelectorParam] = &[
     ("client_id", Selector::ClientId),
@@ -35,24 +38,10 @@ impl IdentityHeader {
     }
 }
 
-pub async fn handle(
-    svc: &TokenService,
-    secret: &IdentityHeader,
-    req: &Request<Incoming>,
-) -> Response<Body> {
-    match serve(svc, secret, req).await {
-        Ok(body) => super::token_response(body),
-        Err(e) => error_response(&e),
-    }
-}
-
-async fn serve(
-    svc: &TokenService,
-    secret: &IdentityHeader,
-    req: &Request<Incoming>,
-) -> Result<Bytes, ApiError> {
+/// The App Service checks: method, the shared secret, api-version 2019-08-01.
+pub fn check(secret: &IdentityHeader, req: &Request<Incoming>) -> Result<Lookup, ApiError> {
     require_get(req)?;
-    match req.headers().get("x-identity-header") {
+    match req.headers().get(&X_IDENTITY_HEADER) {
         None => return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -81,7 +70,10 @@ async fn serve(
             )))
         }
     }
-    svc.answer(&query, SELECTORS).await
+    Ok(Lookup {
+        query,
+        selectors: SELECTORS,
+    })
 }
 
 /// The App Service error body is undocumented and clients disagree: MSAL Python reads

@@ -12,12 +12,13 @@ use crate::assertion::now_unix;
 use crate::broker::{Broker, BrokerError, Selector};
 use crate::exchange::Token;
 use crate::metrics::{Endpoint, Metrics};
-use crate::server::{json_response, Body};
+use crate::server::{self, json_response, Body};
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,16 +86,37 @@ impl From<BrokerError> for ApiError {
 
 /// Query parameters, with duplicates rejected (IMDS does; a duplicate is ambiguous).
 ///
-/// Pairs borrow from the request URI unless percent-decoding changed them (hot path: copying
-/// every name and value cost four allocations per token request; see bench/RESULTS.md).
-pub struct Query<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
+/// SDK clients send the same query string with every request, so each worker thread keeps
+/// the last one it parsed: a repeat costs a string compare and a reference count, where
+/// splitting and percent-decoding it again cost ~1,800 instructions (bench/RESULTS.md).
+#[derive(Clone)]
+pub struct Query(Arc<[(Box<str>, Box<str>)]>);
 
-impl<'a> Query<'a> {
-    pub fn parse(raw: Option<&'a str>) -> Result<Query<'a>, ApiError> {
-        let mut pairs: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(4);
+impl Query {
+    pub fn parse(raw: Option<&str>) -> Result<Query, ApiError> {
+        thread_local! {
+            static LAST: RefCell<Option<(Box<str>, Query)>> = const { RefCell::new(None) };
+        }
+        let raw = raw.unwrap_or("");
+        let seen = LAST.with(|last| {
+            let last = last.borrow();
+            last.as_ref()
+                .filter(|(r, _)| **r == *raw)
+                .map(|(_, q)| q.clone())
+        });
+        if let Some(query) = seen {
+            return Ok(query);
+        }
+        let query = Self::parse_uncached(raw)?;
+        LAST.with(|last| *last.borrow_mut() = Some((raw.into(), query.clone())));
+        Ok(query)
+    }
+
+    fn parse_uncached(raw: &str) -> Result<Query, ApiError> {
+        let mut pairs: Vec<(Box<str>, Box<str>)> = Vec::with_capacity(4);
         // Split as `form_urlencoded::parse` does: on '&', skipping empty pieces, name and
         // value at the first '='.
-        for piece in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        for piece in raw.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
             let (k, v) = (form_decode(k), form_decode(v));
             if pairs.iter().any(|(seen, _)| seen.eq_ignore_ascii_case(&k)) {
@@ -102,9 +124,9 @@ impl<'a> Query<'a> {
                     "Duplicate query parameter '{k}': each parameter may appear once"
                 )));
             }
-            pairs.push((k, v));
+            pairs.push((k.into(), v.into()));
         }
-        Ok(Query(pairs))
+        Ok(Query(pairs.into()))
     }
 
     /// Parameter names are matched case-insensitively, as IMDS does.
@@ -304,46 +326,86 @@ pub struct TokenService {
     pub metrics: Arc<Metrics>,
     /// Enables the App Service endpoint.
     pub identity_header: Option<app_service::IdentityHeader>,
+    /// Longest wait for a token before answering 504.
+    pub request_timeout: Duration,
+}
+
+/// A token request that passed its protocol's checks: what remains is the broker lookup.
+pub struct Lookup {
+    pub query: Query,
+    /// The query parameters that select an identity in this protocol.
+    pub selectors: &'static [SelectorParam],
 }
 
 impl TokenService {
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    /// Answers one token-listener request.
+    ///
+    /// The request is checked, and dropped, before this returns; the future only looks the
+    /// token up. hyper reads ahead on a keep-alive connection while an answer is pending, and
+    /// a request still alive then (it holds its slice of the connection's read buffer) made
+    /// that read allocate a new buffer for every request (bench/RESULTS.md).
+    pub fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+        let (endpoint, checked) = self.check(&req);
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
+        drop(req);
+        let svc = self.clone();
+        async move {
+            let lookup = async { svc.answer(&checked?).await };
+            // The response is built once, here: it is large enough that every move of it
+            // through nested results is a `memcpy` (hot path).
+            let resp = match server::timeout_if_pending(svc.request_timeout, lookup).await {
+                Ok(Ok(body)) => token_response(body),
+                Ok(Err(e)) => error_response(endpoint, &e),
+                Err(_) => error_response(
+                    endpoint,
+                    &ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        format!(
+                            "no token within {}s; Entra ID is slow or unreachable",
+                            svc.request_timeout.as_secs()
+                        ),
+                    ),
+                ),
+            };
+            svc.metrics.request(endpoint, resp.status().as_u16());
+            if let Some((method, path)) = logged {
+                tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+            }
+            resp
+        }
+    }
+
+    /// Routes by path and runs the protocol's own checks.
+    fn check(&self, req: &Request<Incoming>) -> (Endpoint, Result<Lookup, ApiError>) {
         let path = token_path(req.uri().path());
-        let (endpoint, resp) = if path == IMDS_TOKEN_PATH {
-            (Endpoint::imds, imds::handle(self, &req).await)
+        if path == IMDS_TOKEN_PATH {
+            (Endpoint::imds, imds::check(req))
         } else if path == APP_SERVICE_TOKEN_PATH {
-            let resp = match &self.identity_header {
-                Some(secret) => app_service::handle(self, secret, &req).await,
-                None => app_service::error_response(&ApiError::new(
+            let checked = match &self.identity_header {
+                Some(secret) => app_service::check(secret, req),
+                None => Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "not_found",
                     "the App Service endpoint is disabled: start imds-broker with \
                      --identity-header / IDENTITY_HEADER",
                 )),
             };
-            (Endpoint::app_service, resp)
+            (Endpoint::app_service, checked)
         } else {
-            (Endpoint::other, not_served(&req))
-        };
-        self.metrics.request(endpoint, resp.status().as_u16());
-        tracing::debug!(
-            method = %req.method(),
-            path = %req.uri().path(),
-            status = resp.status().as_u16(),
-            "request"
-        );
-        resp
+            (Endpoint::other, Err(not_served(req)))
+        }
     }
 
     /// What both protocols do once their own checks passed: resource and identity selector
     /// from the query, the broker lookup, and the rendered body.
-    pub async fn answer(
-        &self,
-        query: &Query<'_>,
-        selectors: &[SelectorParam],
-    ) -> Result<Bytes, ApiError> {
-        let resource = query.resource()?;
-        let selector = query.selector(selectors)?;
+    async fn answer(&self, lookup: &Lookup) -> Result<Bytes, ApiError> {
+        let resource = lookup.query.resource()?;
+        let selector = lookup.query.selector(lookup.selectors)?;
         let token = self
             .broker
             .token(&selector, resource)
@@ -354,6 +416,14 @@ impl TokenService {
             resource,
             &self.broker.identity().client_id,
         ))
+    }
+}
+
+/// An error in the format of the endpoint's protocol (IMDS's for unknown paths).
+fn error_response(endpoint: Endpoint, e: &ApiError) -> Response<Body> {
+    match endpoint {
+        Endpoint::app_service => app_service::error_response(e),
+        Endpoint::imds | Endpoint::other => imds::error_response(e),
     }
 }
 
@@ -373,9 +443,9 @@ fn token_path(path: &str) -> &str {
 
 /// Anything else — notably instance metadata — is refused with JSON, so nothing about the
 /// node leaks and SDK probes still get a parseable answer.
-fn not_served(req: &Request<Incoming>) -> Response<Body> {
+fn not_served(req: &Request<Incoming>) -> ApiError {
     if let Err(e) = require_get(req) {
-        return imds::error_response(&e);
+        return e;
     }
     let path = req.uri().path();
     let description = if path.starts_with("/metadata/") {
@@ -389,11 +459,7 @@ fn not_served(req: &Request<Incoming>) -> Response<Body> {
              (IMDS) and {APP_SERVICE_TOKEN_PATH} (App Service)"
         )
     };
-    imds::error_response(&ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        description,
-    ))
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", description)
 }
 
 /// The shared "method must be GET" check.
@@ -475,6 +541,24 @@ mod tests {
         let e = Query::parse(Some("resource=a&resource=b")).err().unwrap();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(e.description.contains("resource"));
+    }
+
+    #[test]
+    fn a_repeated_query_is_reused_and_a_changed_one_parsed_again() {
+        let raw = "api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
+        let (a, b) = (
+            Query::parse(Some(raw)).unwrap(),
+            Query::parse(Some(raw)).unwrap(),
+        );
+        assert!(Arc::ptr_eq(&a.0, &b.0), "the second parse reuses the first");
+        assert_eq!(b.resource().unwrap(), "https://vault.azure.net");
+        let c = Query::parse(Some("api-version=2018-02-01&resource=r")).unwrap();
+        assert_eq!(c.resource().unwrap(), "r");
+        // A refused query is not remembered: the same string is refused again.
+        let dup = "resource=a&resource=b";
+        assert!(Query::parse(Some(dup)).is_err());
+        assert!(Query::parse(Some(dup)).is_err());
+        assert_eq!(Query::parse(None).unwrap().0.len(), 0);
     }
 
     #[test]
