@@ -247,6 +247,18 @@ impl Broker {
         Ok(())
     }
 
+    /// A usable cached token for `resource`, without waiting; `None` when only
+    /// [`Broker::token`] can get one. The hot path.
+    pub fn cached_token(
+        &self,
+        selector: &Selector,
+        resource: &str,
+    ) -> Result<Option<Arc<Token>>, BrokerError> {
+        self.authorize(selector, resource)?;
+        let entry = self.entry(resource)?;
+        Ok(self.cached(&entry))
+    }
+
     /// A token for `resource`, from the cache when possible.
     pub async fn token(
         self: &Arc<Self>,

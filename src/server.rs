@@ -11,12 +11,11 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -282,21 +281,6 @@ impl HeadDeadline {
     }
 }
 
-/// `tokio::time::timeout` whose clock starts only if `fut` is not ready on its first poll.
-/// A cached token is answered on the first poll, and arming a timer for it cost ~340
-/// instructions per request (bench/RESULTS.md); a request that has to wait gets the limit from
-/// that first poll, which is when it started.
-pub async fn timeout_if_pending<F: Future>(
-    limit: Duration,
-    fut: F,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
-    let mut fut = pin!(fut);
-    match poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
-        Poll::Ready(out) => Ok(out),
-        Poll::Pending => tokio::time::timeout(limit, fut).await,
-    }
-}
-
 /// A JSON response with the given status.
 pub fn json_response(status: hyper::StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     // Built directly with a static header value: `Response::builder().header(.., &str)`
@@ -333,7 +317,6 @@ pub async fn termination_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::pending;
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_misses_its_deadline_after_the_limit() {
@@ -363,19 +346,5 @@ mod tests {
             idle >= limit - Duration::from_millis(1) && idle <= limit,
             "{idle:?}"
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn timeout_if_pending_arms_only_for_pending_futures() {
-        let limit = Duration::from_secs(5);
-        assert_eq!(timeout_if_pending(limit, async { 7 }).await.unwrap(), 7);
-        let started = Instant::now();
-        assert!(timeout_if_pending(limit, pending::<()>()).await.is_err());
-        assert_eq!(started.elapsed(), limit);
-        let slow = async {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            8
-        };
-        assert_eq!(timeout_if_pending(limit, slow).await.unwrap(), 8);
     }
 }

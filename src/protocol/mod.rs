@@ -12,14 +12,16 @@ use crate::assertion::now_unix;
 use crate::broker::{Broker, BrokerError, Selector};
 use crate::exchange::Token;
 use crate::metrics::{Endpoint, Metrics};
-use crate::server::{self, json_response, Body};
+use crate::server::{json_response, Body};
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::future::Future;
+use std::future::{ready, Future, Ready};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 pub const IMDS_TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
@@ -337,47 +339,82 @@ pub struct Lookup {
     pub selectors: &'static [SelectorParam],
 }
 
+/// The answer to one token-listener request: ready at once (a cached token, or a refused
+/// request), or a boxed wait for an exchange. Only a cache miss allocates a future, so the hot
+/// path has no async state: hyper and Tokio move a request's future several times, and as
+/// one `async` block it was over a kilobyte (~700 instructions of copying per request,
+/// bench/RESULTS.md).
+pub enum Answer {
+    Ready(Ready<Response<Body>>),
+    Waiting(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+}
+
+impl Future for Answer {
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        match self.get_mut() {
+            Answer::Ready(resp) => Pin::new(resp).poll(cx),
+            Answer::Waiting(fut) => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Method and path of a request, kept only when debug logging is on.
+type Logged = Option<(Method, String)>;
+
 impl TokenService {
     /// Answers one token-listener request.
     ///
-    /// The request is checked, and dropped, before this returns; the future only looks the
-    /// token up. hyper reads ahead on a keep-alive connection while an answer is pending, and
-    /// a request still alive then (it holds its slice of the connection's read buffer) made
-    /// that read allocate a new buffer for every request (bench/RESULTS.md).
-    pub fn handle(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+    /// The request is checked, and dropped, before this returns. hyper reads ahead on a
+    /// keep-alive connection while an answer is pending, and a request still alive then (it
+    /// holds its slice of the connection's read buffer) made that read allocate a new buffer
+    /// for every request (bench/RESULTS.md).
+    pub fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Answer {
         let (endpoint, checked) = self.check(&req);
         let logged = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         drop(req);
-        let svc = self.clone();
-        async move {
-            let lookup = async { svc.answer(&checked?).await };
-            // The response is built once, here: it is large enough that every move of it
-            // through nested results is a `memcpy` (hot path).
-            let resp = match server::timeout_if_pending(svc.request_timeout, lookup).await {
-                Ok(Ok(body)) => token_response(body),
-                Ok(Err(e)) => error_response(endpoint, &e),
-                Err(_) => error_response(
-                    endpoint,
-                    &ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        format!(
-                            "no token within {}s; Entra ID is slow or unreachable",
-                            svc.request_timeout.as_secs()
+        let now = |resp| Answer::Ready(ready(self.finish(endpoint, resp, logged.clone())));
+        let lookup = match checked {
+            Ok(lookup) => lookup,
+            Err(e) => return now(error_response(endpoint, &e)),
+        };
+        match self.cached(&lookup) {
+            Ok(Some(body)) => now(token_response(body)),
+            Err(e) => now(error_response(endpoint, &e)),
+            Ok(None) => {
+                let svc = self.clone();
+                Answer::Waiting(Box::pin(async move {
+                    let limit = svc.request_timeout;
+                    let resp = match tokio::time::timeout(limit, svc.fetch(&lookup)).await {
+                        Ok(Ok(body)) => token_response(body),
+                        Ok(Err(e)) => error_response(endpoint, &e),
+                        Err(_) => error_response(
+                            endpoint,
+                            &ApiError::new(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "timeout",
+                                format!(
+                                    "no token within {}s; Entra ID is slow or unreachable",
+                                    limit.as_secs()
+                                ),
+                            ),
                         ),
-                    ),
-                ),
-            };
-            svc.metrics.request(endpoint, resp.status().as_u16());
-            if let Some((method, path)) = logged {
-                tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+                    };
+                    svc.finish(endpoint, resp, logged)
+                }))
             }
-            resp
         }
+    }
+
+    /// Counts an answer, and logs it at debug level.
+    fn finish(&self, endpoint: Endpoint, resp: Response<Body>, logged: Logged) -> Response<Body> {
+        self.metrics.request(endpoint, resp.status().as_u16());
+        if let Some((method, path)) = logged {
+            tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        }
+        resp
     }
 
     /// Routes by path and runs the protocol's own checks.
@@ -401,16 +438,21 @@ impl TokenService {
         }
     }
 
-    /// What both protocols do once their own checks passed: resource and identity selector
-    /// from the query, the broker lookup, and the rendered body.
-    async fn answer(&self, lookup: &Lookup) -> Result<Bytes, ApiError> {
+    /// The hot path, shared by both protocols once their own checks passed: resource and
+    /// identity selector from the query, and a cached token's body; `None` when the caller
+    /// has to wait for an exchange.
+    fn cached(&self, lookup: &Lookup) -> Result<Option<Bytes>, ApiError> {
         let resource = lookup.query.resource()?;
         let selector = lookup.query.selector(lookup.selectors)?;
-        let token = self
-            .broker
-            .token(&selector, resource)
-            .await
-            .map_err(ApiError::from)?;
+        let token = self.broker.cached_token(&selector, resource)?;
+        Ok(token.map(|t| token_body(&t, resource, &self.broker.identity().client_id)))
+    }
+
+    /// The slow path: the broker's exchange (or a wait for one already running).
+    async fn fetch(&self, lookup: &Lookup) -> Result<Bytes, ApiError> {
+        let resource = lookup.query.resource()?;
+        let selector = lookup.query.selector(lookup.selectors)?;
+        let token = self.broker.token(&selector, resource).await?;
         Ok(token_body(
             &token,
             resource,
