@@ -24,6 +24,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (exchanger, client_id) = exchanger(&args)?;
     let allow = (!args.allow_resources.is_empty()).then(|| non_empty(&args.allow_resources));
+    let preconnect = exchanger.clone();
     let broker = Arc::new(Broker::new(
         BrokerConfig {
             identity: Identity {
@@ -124,6 +125,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.shutdown_grace,
     ));
 
+    if prefetch.is_empty() && !args.emulate {
+        // A prefetch connects anyway; without one, a data-mover pod's first token request
+        // would also pay for DNS, TCP and TLS to Entra (bench/RESULTS.md, cold path).
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match preconnect.preconnect().await {
+                Ok(answered) => tracing::info!(
+                    %answered,
+                    latency_ms = started.elapsed().as_millis() as u64,
+                    "connected to Entra ID ahead of the first token request"
+                ),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "cannot reach Entra ID yet; token requests will try again"
+                ),
+            }
+        });
+    }
     for resource in prefetch {
         let broker = broker.clone();
         tokio::spawn(async move {

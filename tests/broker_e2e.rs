@@ -396,6 +396,56 @@ async fn transient_failures_are_retried_within_the_request() {
 }
 
 #[tokio::test]
+async fn the_first_exchange_reuses_the_connection_opened_at_start() {
+    let fake = FakeEntra::start();
+    let (_dir, tf) = token_dir(&fake);
+    let mut broker = BrokerBuilder::entra(&fake, &tf).spawn().await;
+    assert!(
+        broker
+            .wait_log("connected to Entra ID", Duration::from_secs(10))
+            .await,
+        "{}",
+        broker.logs()
+    );
+    assert_eq!(fake.discovery_requests(), 1);
+    assert_eq!(
+        fake.calls(),
+        0,
+        "no token is requested before a caller asks"
+    );
+    assert_eq!(broker.imds_token(STORAGE).await.status, 200);
+    assert_eq!(fake.calls(), 1);
+    assert_eq!(
+        fake.connections(),
+        1,
+        "the token request used the open connection"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_entra_is_named_at_start_without_failing_readiness() {
+    let fake = FakeEntra::start();
+    let (_dir, tf) = token_dir(&fake);
+    // Nothing listens on port 1.
+    let mut broker = BrokerBuilder::entra(&fake, &tf)
+        .set("--authority-host", "https://127.0.0.1:1")
+        .spawn()
+        .await;
+    assert!(
+        broker
+            .wait_log("cannot reach Entra ID yet", Duration::from_secs(10))
+            .await,
+        "{}",
+        broker.logs()
+    );
+    assert!(
+        broker.logs().contains("127.0.0.1:1"),
+        "the log names the address"
+    );
+    assert_eq!(broker.admin("/readyz").await.0, 200);
+}
+
+#[tokio::test]
 async fn a_slow_entra_gets_504_in_each_protocols_format_and_is_counted() {
     let fake = FakeEntra::start();
     fake.push_faults([
@@ -949,16 +999,24 @@ async fn https_proxy_and_no_proxy_are_honoured_for_entra() {
     let fake = FakeEntra::start();
     let (_dir, tf) = token_dir(&fake);
     let (proxy, tunnels) = connect_proxy().await;
-    let broker = BrokerBuilder::entra(&fake, &tf)
+    let mut broker = BrokerBuilder::entra(&fake, &tf)
         .env("HTTPS_PROXY", format!("http://{proxy}"))
         .spawn()
         .await;
+    // The start-up connection goes through the proxy too, and the exchange reuses it.
+    assert!(
+        broker
+            .wait_log("connected to Entra ID", Duration::from_secs(10))
+            .await,
+        "{}",
+        broker.logs()
+    );
     let r = broker.imds_token(STORAGE).await;
     assert_eq!(r.status, 200, "{}", r.raw);
     assert_eq!(
         tunnels.load(Ordering::SeqCst),
         1,
-        "Entra was reached through the proxy"
+        "Entra was reached through the proxy, on one connection"
     );
 
     let (proxy2, tunnels2) = connect_proxy().await;

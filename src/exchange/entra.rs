@@ -20,6 +20,10 @@ use std::time::Duration;
 pub struct EntraExchanger {
     tenant_id: String,
     cloud: Arc<CloudConfiguration>,
+    /// The client under `transport` (a handle to the same connection pool).
+    http: reqwest::Client,
+    /// `{authority}/{tenant}/v2.0/.well-known/openid-configuration`, fetched by `preconnect`.
+    discovery: String,
     transport: Transport,
     token_file: TokenFile,
 }
@@ -65,12 +69,19 @@ impl EntraExchanger {
         let http = http
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the HTTPS client for Entra: {e}"))?;
+        let discovery = format!(
+            "{}/{}/v2.0/.well-known/openid-configuration",
+            authority.trim_end_matches('/'),
+            config.tenant_id
+        );
         let mut custom = CustomConfiguration::default();
         custom.authority_host = authority;
         Ok(EntraExchanger {
             tenant_id: config.tenant_id.to_owned(),
             cloud: Arc::new(custom.into()),
-            transport: Transport::new(Arc::new(http)),
+            transport: Transport::new(Arc::new(http.clone())),
+            http,
+            discovery,
             token_file: config.token_file,
         })
     }
@@ -198,6 +209,23 @@ impl Exchanger for EntraExchanger {
 
     fn ready(&self) -> Result<(), String> {
         self.token_file.check_readable().map_err(|e| e.to_string())
+    }
+
+    /// Fetches the tenant's OpenID discovery document, which needs no credential: the
+    /// connection then waits in the pool (90 s) for the first exchange. Whatever the status,
+    /// the connection is open; only a network failure is an error. Any secret-free URL of the
+    /// authority would do.
+    async fn preconnect(&self) -> Result<String, String> {
+        let resp = self
+            .http
+            .get(&self.discovery)
+            .send()
+            .await
+            .map_err(|e| format!("{}: {}", self.discovery, error_chain(&e)))?;
+        let status = resp.status().as_u16();
+        // Read to the end, or the connection is closed instead of pooled.
+        let _ = resp.bytes().await;
+        Ok(format!("{} answered HTTP {status}", self.discovery))
     }
 }
 

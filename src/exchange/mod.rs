@@ -63,6 +63,13 @@ pub trait Exchanger: Send + Sync + 'static {
 
     /// Readiness of the exchanger's local inputs (never the network).
     fn ready(&self) -> Result<(), String>;
+
+    /// Opens a connection to the token service ahead of the first exchange, so that the
+    /// first token request of a new pod does not also pay for DNS, TCP and TLS. Returns what
+    /// answered (for the log); an error only means the first exchange will connect itself.
+    async fn preconnect(&self) -> Result<String, String> {
+        Ok("nothing to connect to".into())
+    }
 }
 
 /// The v2 scope for an IMDS-style resource: `/.default` appended verbatim. Entra accepts the

@@ -74,6 +74,15 @@ impl BrokerBuilder {
         self
     }
 
+    /// Sets `flag` to `value`, replacing the builder's own value when it has one.
+    pub fn set(mut self, flag: &str, value: impl Into<String>) -> Self {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.into(),
+            _ => self.args.extend([flag.to_owned(), value.into()]),
+        }
+        self
+    }
+
     pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
         self.env.push((k.into(), v.into()));
         self

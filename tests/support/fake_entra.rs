@@ -173,6 +173,10 @@ struct Stats {
     calls: Vec<CallRecord>,
     per_scope: HashMap<String, usize>,
     tokens_issued: usize,
+    /// TLS connections established.
+    connections: usize,
+    /// Requests for the OpenID discovery document.
+    discovery: usize,
 }
 
 struct Shared {
@@ -422,6 +426,16 @@ impl FakeEntra {
         lock(&self.shared.stats).per_scope.clone()
     }
 
+    /// TLS connections established so far (a pooled connection is counted once).
+    pub fn connections(&self) -> usize {
+        lock(&self.shared.stats).connections
+    }
+
+    /// Requests for `/{tenant}/v2.0/.well-known/openid-configuration`.
+    pub fn discovery_requests(&self) -> usize {
+        lock(&self.shared.stats).discovery
+    }
+
     /// Arrival time of each call, in order.
     pub fn call_times(&self) -> Vec<Instant> {
         lock(&self.shared.stats)
@@ -547,6 +561,8 @@ async fn serve_connection(tcp: tokio::net::TcpStream, acceptor: TlsAcceptor, sha
         Ok(Ok(tls)) => tls,
         _ => return,
     };
+    lock(&shared.stats).connections += 1;
+    shared.bump_stats();
     let reset = Arc::new(Notify::new());
     let service = {
         let reset = Arc::clone(&reset);
@@ -573,6 +589,24 @@ async fn serve_connection(tcp: tokio::net::TcpStream, acceptor: TlsAcceptor, sha
 
 async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Response<Full<Bytes>> {
     let arrived = Instant::now();
+    if let Some(tenant) = discovery_tenant(req.uri().path()) {
+        lock(&shared.stats).discovery += 1;
+        shared.bump_stats();
+        // The two fields that matter; the real document has many more.
+        let host = req
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost");
+        let doc = serde_json::json!({
+            "issuer": format!("https://{host}/{tenant}/v2.0"),
+            "token_endpoint": format!("https://{host}/{tenant}/oauth2/v2.0/token"),
+        });
+        let ctx = ErrorContext {
+            correlation_id: guid(),
+        };
+        return json_response(StatusCode::OK, &doc, &ctx, None);
+    }
     let Some(tenant) = token_endpoint_tenant(req.uri().path()) else {
         return plain(
             StatusCode::NOT_FOUND,
@@ -651,6 +685,13 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
         // Reset was handled above.
         Some(Fault::Reset) | None => exchange(shared, &method, &tenant, form, call_number, &ctx),
     }
+}
+
+/// `Some(tenant)` for `/{tenant}/v2.0/.well-known/openid-configuration`.
+fn discovery_tenant(path: &str) -> Option<&str> {
+    path.strip_prefix('/')?
+        .strip_suffix("/v2.0/.well-known/openid-configuration")
+        .filter(|t| !t.is_empty() && !t.contains('/'))
 }
 
 /// `Some(tenant)` for `/{tenant}/oauth2/v2.0/token`.
