@@ -56,13 +56,17 @@ TARGET_PEAK_MIB = 24.0
 TARGET_STARTUP_MS = 50.0
 
 MODES = {
-    # concurrencies, seconds per wrk run, rounds, warm-up seconds, cold connections,
-    # start-up runs, soak: token lifetime, lead, seconds, rate, connections, margin slack
-    "full": dict(conns=[1, 16, 64, 256], wrk_secs=6, rounds=5, warmup_secs=1,
+    # concurrencies, seconds per wrk run, rounds, (the same for 1 connection, whose round trip
+    # is dominated by VM wake-ups and varies by +-5% between runs: more, shorter rounds),
+    # warm-up seconds, cold connections, start-up runs, soak: token lifetime, lead, seconds,
+    # rate, connections, margin slack
+    "full": dict(conns=[1, 16, 64, 256], wrk_secs=6, rounds=5, c1_secs=3, c1_rounds=15,
+                 warmup_secs=1,
                  cold_n=1000, startup_runs=20, soak_lifetime=300, soak_lead=10,
                  soak_secs=600, soak_rate=1000, soak_conns=10, margin_slack=5,
                  soak_parallel=False),
-    "smoke": dict(conns=[1, 16, 64, 256], wrk_secs=1, rounds=1, warmup_secs=0,
+    "smoke": dict(conns=[1, 16, 64, 256], wrk_secs=1, rounds=1, c1_secs=1, c1_rounds=1,
+                  warmup_secs=0,
                   cold_n=200, startup_runs=3, soak_lifetime=24, soak_lead=1,
                   soak_secs=13, soak_rate=200, soak_conns=4, margin_slack=3,
                   soak_parallel=True),
@@ -365,8 +369,13 @@ def hot_path(cfg, procs, out, broker, nginx, pin, hyper=None):
     names = list(targets)
     runs = {n: {c: [] for c in cfg["conns"]} for n in names}
     peak = {"broker_kib": 0, "nginx_worker_kib": 0, "method": "VmHWM after clear_refs"}
-    for rnd in range(cfg["rounds"]):
+    def plan(c):
+        return (cfg["c1_rounds"], cfg["c1_secs"]) if c == 1 else (cfg["rounds"], cfg["wrk_secs"])
+    for rnd in range(max(plan(c)[0] for c in cfg["conns"])):
         for c in cfg["conns"]:
+            rounds, secs = plan(c)
+            if rnd >= rounds:
+                continue
             k = rnd % len(names)
             order = names[k:] + names[:k]
             for n in order:
@@ -377,7 +386,7 @@ def hot_path(cfg, procs, out, broker, nginx, pin, hyper=None):
                 if is_peak_run and not reset_peak_rss(pid):
                     peak["method"] = "VmHWM since start (clear_refs unavailable)"
                 cpu0 = cpu_seconds(pid)
-                r = run_wrk(port, target, header, c, cfg["wrk_secs"], pin[0])
+                r = run_wrk(port, target, header, c, secs, pin[0])
                 cpu1 = cpu_seconds(pid)
                 r["server_cpu_s"] = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
                 if is_peak_run:
@@ -408,6 +417,13 @@ def hot_path(cfg, procs, out, broker, nginx, pin, hyper=None):
                 "client_cpu_util": med(lambda r: r["client_cpu_s"] / (r["duration_us"] / 1e6)),
                 "rounds": len(rs),
             }
+            if n != "nginx":
+                # Against nginx's run of the same round (minutes apart at most), which
+                # cancels slow drift of the machine; the spread shows the noise.
+                rps = lambda r: r["requests"] / (r["duration_us"] / 1e6)  # noqa: E731
+                ratios = [rps(a) / rps(b) for a, b in zip(rs, runs["nginx"][c])]
+                summary[n][str(c)]["round_ratios"] = {
+                    "min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)}
     return {"summary": summary, "runs": runs, "peak_rss": peak}
 
 
@@ -640,7 +656,8 @@ def evaluate(res):
                 if row["errors"]:
                     f.append(f"hot path {n} c={c}: {row['errors']} errors")
         peak = mib(hp["peak_rss"]["broker_kib"])
-        t.append(("peak RSS (256 conns) <= 24 MiB", f"{peak:.1f} MiB", peak <= TARGET_PEAK_MIB))
+        top = max(res["params"]["conns"])
+        t.append((f"peak RSS ({top} conns) <= 24 MiB", f"{peak:.1f} MiB", peak <= TARGET_PEAK_MIB))
     if "idle_rss_kib" in res:
         idle = mib(res["idle_rss_kib"])
         t.append(("idle RSS after first token <= 8 MiB", f"{idle:.1f} MiB", idle <= TARGET_IDLE_MIB))
@@ -694,8 +711,10 @@ def render(res, targets, failures):
         s = hp["summary"]
         size = s["imds"][next(iter(s["imds"]))]["bytes_per_response"]
         L.append("")
-        L.append(f"Hot path (warm cache; wrk -t1, {res['params']['wrk_secs']} s per run, "
-                 f"median of {res['params']['rounds']} interleaved rounds; ~{size:.0f} bytes per response incl. headers)")
+        prm = res["params"]
+        L.append(f"Hot path (warm cache; wrk -t1, median of {prm['rounds']} interleaved rounds of "
+                 f"{prm['wrk_secs']} s, at 1 connection {prm['c1_rounds']} rounds of {prm['c1_secs']} s; "
+                 f"~{size:.0f} bytes per response incl. headers)")
         L.append("")
         L.append("| conns | target | req/s | ×nginx | p50 µs | p99 µs | ×nginx p99 | p99.9 µs | errors | server CPU µs/req |")
         L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -707,6 +726,13 @@ def render(res, targets, failures):
                 pr = "" if n == "nginx" else f"{row['p99_us'] / max(ng['p99_us'], 1):.2f}"
                 L.append(f"| {c} | {n} | {row['rps']:.0f} | {rr} | {row['p50_us']:.0f} | {row['p99_us']:.0f} | "
                          f"{pr} | {row['p999_us']:.0f} | {row['errors']} | {row['server_cpu_us_per_req']:.1f} |")
+        spread = [f"c={c} " + ", ".join(
+                      f"{n} {rr['min']:.2f}–{rr['max']:.2f} (median {rr['median']:.2f})"
+                      for n in ("imds", "app_service", "hyper")
+                      if n in s and (rr := s[n][c].get("round_ratios")))
+                  for c in s["nginx"]]
+        L.append("")
+        L.append("req/s against nginx's run of the same round, lowest–highest: " + "; ".join(spread))
     L.append("")
     L.append("| measurement | value |")
     L.append("|---|---|")
@@ -721,8 +747,9 @@ def render(res, targets, failures):
                      f"{mib(m1['Pss']):.2f} / {mib(m3['Pss']):.2f} MiB |")
     if hp:
         pk = hp["peak_rss"]
-        L.append(f"| broker peak RSS, 256-connection runs | {mib(pk['broker_kib']):.2f} MiB ({pk['method']}) |")
-        L.append(f"| nginx worker peak RSS, 256-connection runs | {mib(pk['nginx_worker_kib']):.2f} MiB |")
+        top = max(res["params"]["conns"])
+        L.append(f"| broker peak RSS, {top}-connection runs | {mib(pk['broker_kib']):.2f} MiB ({pk['method']}) |")
+        L.append(f"| nginx worker peak RSS, {top}-connection runs | {mib(pk['nginx_worker_kib']):.2f} MiB |")
     cold = res.get("cold")
     if cold:
         lm = cold["latency_ms"]
@@ -789,11 +816,14 @@ def main():
     ap.add_argument("--soak-secs", type=int, help="override the soak duration")
     ap.add_argument("--rounds", type=int, help="override the hot-path rounds")
     ap.add_argument("--wrk-secs", type=int, help="override seconds per wrk run")
+    ap.add_argument("--conns", help="override the hot-path concurrencies, comma-separated (e.g. 1)")
     args = ap.parse_args()
     cfg = dict(MODES[args.mode])
     for k in ("soak_secs", "rounds", "wrk_secs"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
+    if args.conns:
+        cfg["conns"] = [int(c) for c in args.conns.split(",")]
     only = set(args.only.split(","))
     paths = {"broker": args.broker, "client": args.client, "fake": args.fake}
     if args.hyper:

@@ -400,13 +400,7 @@ async fn the_first_exchange_reuses_the_connection_opened_at_start() {
     let fake = FakeEntra::start();
     let (_dir, tf) = token_dir(&fake);
     let mut broker = BrokerBuilder::entra(&fake, &tf).spawn().await;
-    assert!(
-        broker
-            .wait_log("connected to Entra ID", Duration::from_secs(10))
-            .await,
-        "{}",
-        broker.logs()
-    );
+    broker.expect_log("connected to Entra ID").await;
     assert_eq!(fake.discovery_requests(), 1);
     assert_eq!(
         fake.calls(),
@@ -431,13 +425,7 @@ async fn an_unreachable_entra_is_named_at_start_without_failing_readiness() {
         .set("--authority-host", "https://127.0.0.1:1")
         .spawn()
         .await;
-    assert!(
-        broker
-            .wait_log("cannot reach Entra ID yet", Duration::from_secs(10))
-            .await,
-        "{}",
-        broker.logs()
-    );
+    broker.expect_log("cannot reach Entra ID yet").await;
     assert!(
         broker.logs().contains("127.0.0.1:1"),
         "the log names the address"
@@ -1004,13 +992,7 @@ async fn https_proxy_and_no_proxy_are_honoured_for_entra() {
         .spawn()
         .await;
     // The start-up connection goes through the proxy too, and the exchange reuses it.
-    assert!(
-        broker
-            .wait_log("connected to Entra ID", Duration::from_secs(10))
-            .await,
-        "{}",
-        broker.logs()
-    );
+    broker.expect_log("connected to Entra ID").await;
     let r = broker.imds_token(STORAGE).await;
     assert_eq!(r.status, 200, "{}", r.raw);
     assert_eq!(

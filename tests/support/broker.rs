@@ -296,6 +296,14 @@ impl Broker {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// Waits up to 10 s for a log line containing `needle`; fails the test with the logs
+    /// otherwise.
+    pub async fn expect_log(&mut self, needle: &str) {
+        if !self.wait_log(needle, Duration::from_secs(10)).await {
+            panic!("no log line with {needle:?}; logs:\n{}", self.logs());
+        }
+    }
+
     /// Waits for a log line containing `needle`.
     pub async fn wait_log(&mut self, needle: &str, timeout: Duration) -> bool {
         let logs = self.logs.clone();
