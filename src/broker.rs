@@ -254,9 +254,7 @@ impl Broker {
         selector: &Selector,
         resource: &str,
     ) -> Result<Option<Arc<Token>>, BrokerError> {
-        self.authorize(selector, resource)?;
-        let entry = self.entry(resource)?;
-        Ok(self.cached(&entry))
+        self.find(selector, resource).map(|(_, token)| token)
     }
 
     /// A token for `resource`, from the cache when possible.
@@ -265,9 +263,8 @@ impl Broker {
         selector: &Selector,
         resource: &str,
     ) -> Result<Arc<Token>, BrokerError> {
-        self.authorize(selector, resource)?;
-        let entry = self.entry(resource)?;
-        if let Some(token) = self.cached(&entry) {
+        let (entry, cached) = self.find(selector, resource)?;
+        if let Some(token) = cached {
             return Ok(token);
         }
         // Boxed: the exchange's state is over a kilobyte and only a cache miss needs it.
@@ -275,6 +272,18 @@ impl Broker {
         // request's future several times (~800 instructions per cached answer,
         // bench/RESULTS.md).
         Box::pin(self.miss(entry)).await
+    }
+
+    /// The policy check, the resource's cache entry, and its usable token if any.
+    fn find(
+        &self,
+        selector: &Selector,
+        resource: &str,
+    ) -> Result<(Arc<Entry>, Option<Arc<Token>>), BrokerError> {
+        self.authorize(selector, resource)?;
+        let entry = self.entry(resource)?;
+        let token = self.cached(&entry);
+        Ok((entry, token))
     }
 
     /// The slow path: wait for the entry's exchange, or run it (coalescing).

@@ -69,9 +69,9 @@ impl EntraExchanger {
         let http = http
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the HTTPS client for Entra: {e}"))?;
+        // `url_checked` already removed any trailing slash.
         let discovery = format!(
-            "{}/{}/v2.0/.well-known/openid-configuration",
-            authority.trim_end_matches('/'),
+            "{authority}/{}/v2.0/.well-known/openid-configuration",
             config.tenant_id
         );
         let mut custom = CustomConfiguration::default();

@@ -55,6 +55,18 @@ impl ApiError {
     pub fn bad_request(description: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", description)
     }
+
+    /// No token within the request timeout.
+    pub fn timeout(limit: Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "no token within {}s; Entra ID is slow or unreachable",
+                limit.as_secs()
+            ),
+        )
+    }
 }
 
 impl From<BrokerError> for ApiError {
@@ -339,6 +351,13 @@ pub struct Lookup {
     pub selectors: &'static [SelectorParam],
 }
 
+impl Lookup {
+    /// The resource and the identity selector asked for.
+    fn target(&self) -> Result<(&str, Selector), ApiError> {
+        Ok((self.query.resource()?, self.query.selector(self.selectors)?))
+    }
+}
+
 /// The answer to one token-listener request: ready at once (a cached token, or a refused
 /// request), or a boxed wait for an exchange. Only a cache miss allocates a future, so the hot
 /// path has no async state: hyper and Tokio move a request's future several times, and as
@@ -390,17 +409,7 @@ impl TokenService {
                     let resp = match tokio::time::timeout(limit, svc.fetch(&lookup)).await {
                         Ok(Ok(body)) => token_response(body),
                         Ok(Err(e)) => error_response(endpoint, &e),
-                        Err(_) => error_response(
-                            endpoint,
-                            &ApiError::new(
-                                StatusCode::GATEWAY_TIMEOUT,
-                                "timeout",
-                                format!(
-                                    "no token within {}s; Entra ID is slow or unreachable",
-                                    limit.as_secs()
-                                ),
-                            ),
-                        ),
+                        Err(_) => error_response(endpoint, &ApiError::timeout(limit)),
                     };
                     svc.finish(endpoint, resp, logged)
                 }))
@@ -438,26 +447,23 @@ impl TokenService {
         }
     }
 
-    /// The hot path, shared by both protocols once their own checks passed: resource and
-    /// identity selector from the query, and a cached token's body; `None` when the caller
-    /// has to wait for an exchange.
+    /// The hot path, shared by both protocols once their own checks passed: a cached token's
+    /// body; `None` when the caller has to wait for an exchange.
     fn cached(&self, lookup: &Lookup) -> Result<Option<Bytes>, ApiError> {
-        let resource = lookup.query.resource()?;
-        let selector = lookup.query.selector(lookup.selectors)?;
+        let (resource, selector) = lookup.target()?;
         let token = self.broker.cached_token(&selector, resource)?;
-        Ok(token.map(|t| token_body(&t, resource, &self.broker.identity().client_id)))
+        Ok(token.map(|t| self.body(&t, resource)))
     }
 
     /// The slow path: the broker's exchange (or a wait for one already running).
     async fn fetch(&self, lookup: &Lookup) -> Result<Bytes, ApiError> {
-        let resource = lookup.query.resource()?;
-        let selector = lookup.query.selector(lookup.selectors)?;
+        let (resource, selector) = lookup.target()?;
         let token = self.broker.token(&selector, resource).await?;
-        Ok(token_body(
-            &token,
-            resource,
-            &self.broker.identity().client_id,
-        ))
+        Ok(self.body(&token, resource))
+    }
+
+    fn body(&self, token: &Arc<Token>, resource: &str) -> Bytes {
+        token_body(token, resource, &self.broker.identity().client_id)
     }
 }
 

@@ -120,15 +120,17 @@ impl TestPki {
         &self.server_cert_pem
     }
 
-    /// Path of the server certificate PEM file (for TLS servers under test, e.g. the webhook).
+    /// The server certificate, DER-encoded (to compare with what a server presents).
     pub fn server_cert_der(&self) -> &CertificateDer<'static> {
         &self.server_cert_der
     }
 
+    /// The server's private key, PKCS#8 PEM (to write key files, e.g. a rotated webhook key).
     pub fn server_key_pem(&self) -> &str {
         &self.server_key_pem
     }
 
+    /// Path of the server certificate PEM file (for TLS servers under test, e.g. the webhook).
     pub fn server_cert_file(&self) -> &Path {
         &self.server_cert_file
     }
