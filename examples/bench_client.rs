@@ -1,8 +1,9 @@
 //! Load clients for `bench/` that `wrk` cannot play: the cold-path burst, the rate-limited
 //! soak and the start-up timer. Each prints ONE JSON object on stdout for `bench/bench.py`.
 //!
-//! * `cold`: opens N keep-alive connections first, then sends N token requests at the same
-//!   instant and times every answer from that instant (measures coalescing, not TCP set-up).
+//! * `cold`: opens N keep-alive connections first, then sends N token requests at once and
+//!   times every answer from the first request written (measures coalescing, not TCP
+//!   set-up), and from its own request. Connections are closed only after the last answer.
 //! * `soak`: a steady open-loop request rate over K keep-alive connections, alternating IMDS
 //!   and App Service; checks every answer (status, JSON, `expires_on - now` against a margin),
 //!   counts distinct tokens and samples the broker's RSS from /proc.
@@ -300,13 +301,16 @@ async fn cold(
         tasks.spawn(async move {
             let mut buf = Vec::with_capacity(4096);
             go.wait().await;
+            let sent = Instant::now();
             let r = tokio::time::timeout(timeout, exchange(&mut s, &request, &mut buf)).await;
-            (Instant::now(), r)
+            // The connection is returned, not dropped: closing it here would put 1,000
+            // closes (client and server side) inside the window being measured.
+            (sent, Instant::now(), r, s)
         });
     }
-    let t0 = Instant::now();
     go.wait().await;
     let mut latencies = Vec::with_capacity(n);
+    let mut own = Vec::with_capacity(n);
     let mut errors: HashMap<String, u64> = HashMap::new();
     let mut tokens: HashMap<String, u64> = HashMap::new();
     // Answers are checked only after the last one is in, so that parsing them does not
@@ -315,7 +319,14 @@ async fn cold(
     while let Some(joined) = tasks.join_next().await {
         answers.push(joined.map_err(|e| e.to_string())?);
     }
-    for (done, r) in answers {
+    // The burst starts with the first request written. Not with this task's own wait: the
+    // spawned tasks have not run yet when it arrives at the barrier, and reaching it takes
+    // them ~1.7 ms.
+    let Some(t0) = answers.iter().map(|a| a.0).min() else {
+        return Err("no connections".into());
+    };
+    let last_sent = answers.iter().map(|a| a.0).max().unwrap_or(t0);
+    for (sent, done, r, _stream) in answers {
         let outcome = match r {
             Err(_) => Err("timeout".to_owned()),
             Ok(Err(e)) => Err(e),
@@ -325,6 +336,7 @@ async fn cold(
         match outcome {
             Ok(token) => {
                 latencies.push(done.duration_since(t0).as_micros() as u64);
+                own.push(done.duration_since(sent).as_micros() as u64);
                 *tokens.entry(token).or_default() += 1;
             }
             Err(e) => *errors.entry(e).or_default() += 1,
@@ -337,6 +349,8 @@ async fn cold(
         "distinct_tokens": tokens.len(),
         "connect_ms": connect_ms,
         "latency_ms": percentiles_ms(&mut latencies),
+        "own_latency_ms": percentiles_ms(&mut own),
+        "send_spread_ms": last_sent.duration_since(t0).as_secs_f64() * 1000.0,
     }))
 }
 
