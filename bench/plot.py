@@ -57,7 +57,8 @@ def main(src, dst):
     m = res["machine"]
     fig.suptitle(f"imds-broker vs nginx (static file of the same size), warm cache\n"
                  f"wrk -t1 on CPU 0, server pinned to CPU 1; {m['cpu']}, {m['cpus']} vCPU "
-                 f"({res.get('mode', '')} run, median of {res['params']['rounds']} rounds)", fontsize=11)
+                 f"({res.get('mode', '')} run, median of {res['params']['rounds']} rounds, "
+                 f"{res['params'].get('c1_rounds', res['params']['rounds'])} at 1 connection)", fontsize=11)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
     print(f"wrote {dst}")

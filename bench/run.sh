@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full benchmark (about 20 minutes): installs wrk and nginx if missing, builds the release
+# The full benchmark (about 26 minutes): installs wrk and nginx if missing, builds the release
 # binaries, waits (up to BENCH_WAIT_QUIET seconds, default 45 min) for a quiet machine, runs
 # the five measurements, prints the table and writes bench/out/results.{json,md} and
 # bench/latency.png. Extra arguments go to bench/bench.py (e.g. --only hot,cold).
