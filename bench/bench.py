@@ -24,6 +24,7 @@ import http.client
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -357,11 +358,15 @@ def run_wrk(port, target, header, conns, secs, cpu):
     return r
 
 
+def req_per_s(run):
+    """Requests per second of one wrk run."""
+    return run["requests"] / (run["duration_us"] / 1e6)
+
+
 def bootstrap_median_ci(xs, resamples=4000):
     """95% percentile-bootstrap interval of the median of `xs` (fixed seed: reruns agree).
 
     Tells a real gap from noise: at 1 connection single rounds differ by up to +-10%."""
-    import random
     rng = random.Random(0)
     meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
     return [meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]]
@@ -404,7 +409,7 @@ def hot_path(cfg, procs, out, broker, nginx, pin, hyper=None):
                     peak[key] = max(peak[key], vm_kib(pid, "VmHWM") or 0)
                 runs[n][c].append(r)
                 errs = sum(r["errors"].values())
-                rps = r["requests"] / (r["duration_us"] / 1e6)
+                rps = req_per_s(r)
                 log(f"round {rnd + 1} c={c:<3} {n:<11} {rps:>9.0f} req/s  "
                     f"p99 {r['latency_us']['p99']} us  errors {errs}")
     summary = {}
@@ -415,7 +420,7 @@ def hot_path(cfg, procs, out, broker, nginx, pin, hyper=None):
             med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
             reqs = sum(r["requests"] for r in rs)
             summary[n][str(c)] = {
-                "rps": med(lambda r: r["requests"] / (r["duration_us"] / 1e6)),
+                "rps": med(req_per_s),
                 "p50_us": med(lambda r: r["latency_us"]["p50"]),
                 "p99_us": med(lambda r: r["latency_us"]["p99"]),
                 "p999_us": med(lambda r: r["latency_us"]["p999"]),
@@ -430,8 +435,7 @@ def hot_path(cfg, procs, out, broker, nginx, pin, hyper=None):
             if n != "nginx":
                 # Against nginx's run of the same round (minutes apart at most), which
                 # cancels slow drift of the machine; the spread shows the noise.
-                rps = lambda r: r["requests"] / (r["duration_us"] / 1e6)  # noqa: E731
-                ratios = [rps(a) / rps(b) for a, b in zip(rs, runs["nginx"][c])]
+                ratios = [req_per_s(a) / req_per_s(b) for a, b in zip(rs, runs["nginx"][c])]
                 summary[n][str(c)]["round_ratios"] = {
                     "min": min(ratios), "median": statistics.median(ratios), "max": max(ratios),
                     "median_ci95": bootstrap_median_ci(ratios) if len(ratios) >= 5 else None}

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // With RUST_BACKTRACE set (common when debugging), the Azure SDK's error values capture a
     // backtrace even for an absent optional header, which its pipeline looks up on every Entra
-    // call: CPU on the cold path and ~0.4 MiB of unwind tables paged in (bench/RESULTS.md). Library backtraces
-    // are off unless RUST_LIB_BACKTRACE asks; panics still honour RUST_BACKTRACE. Set before
-    // any thread exists.
+    // call: CPU on the cold path and ~0.4 MiB of unwind tables paged in (bench/RESULTS.md).
+    // Library backtraces are off unless RUST_LIB_BACKTRACE asks; panics still honour
+    // RUST_BACKTRACE. Set before any thread exists.
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
