@@ -33,7 +33,7 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let started = Instant::now();
     let result = get_token(&args).await;
-    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let (line, ok) = match result {
         Ok(token) => (
             serde_json::json!({

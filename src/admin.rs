@@ -1,7 +1,7 @@
 //! The admin listener: liveness, readiness and metrics. It never serves tokens, so it can
 //! listen on the pod IP for kubelet probes and Prometheus scrapes.
 
-use crate::server::{json_response, Body};
+use crate::listener::{json_response, Body};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 /// Checks readiness; `Err` carries the human-readable reason. Must not block on the network.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
-/// Produces the Prometheus text exposition.
+/// Produces the OpenMetrics text exposition.
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 
 #[derive(Clone)]
@@ -37,14 +37,14 @@ impl Admin {
                     serde_json::json!({"status": "not ready", "reason": reason}).to_string(),
                 ),
             },
-            "/metrics" => Response::builder()
-                .status(StatusCode::OK)
-                .header(
+            "/metrics" => {
+                let mut resp = Response::new(Full::new(Bytes::from((self.metrics)())));
+                resp.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )
-                .body(Full::new(Bytes::from((self.metrics)())))
-                .expect("static response parts are valid"),
+                    hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+                );
+                resp
+            }
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 r#"{"error":"not_found","error_description":"admin endpoints: /healthz, /readyz, /metrics"}"#,

@@ -5,9 +5,9 @@
 //! mistakes — a missing mount, an expired token, the wrong audience — become errors naming the
 //! file and the fix, instead of an opaque AADSTS code from Entra.
 
+pub use crate::clock::now_unix;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What went wrong with the token file. Messages name the file and say what to do; they never
 /// contain the token itself.
@@ -178,13 +178,6 @@ impl TokenFile {
         }
         Ok(())
     }
-}
-
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

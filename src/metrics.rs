@@ -1,4 +1,4 @@
-//! Prometheus metrics of the token broker, rendered in the text exposition format on the
+//! Prometheus metrics of the token broker, rendered in the OpenMetrics text format on the
 //! admin listener's `/metrics`.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -8,6 +8,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicI64;
+
+/// The content type of what [`render`] writes: prometheus-client encodes OpenMetrics text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {

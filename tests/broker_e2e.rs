@@ -334,6 +334,11 @@ async fn tokens_are_refreshed_in_the_background_before_expiry() {
     let r = broker.imds_token(STORAGE).await;
     assert_eq!(seq(r.field("access_token")), 1);
     let first_call = fake.call_times()[0];
+    // Asked for again: only entries used since their token was obtained are refreshed.
+    assert_eq!(
+        seq(broker.imds_token(STORAGE).await.field("access_token")),
+        1
+    );
     // Refresh at half-life (3 s), driven by the broker itself, with no request in between.
     fake.wait_for_tokens_issued(2, Duration::from_secs(10))
         .await
@@ -488,17 +493,27 @@ async fn retry_after_is_honoured_before_calling_entra_again() {
 }
 
 #[tokio::test]
-async fn long_retry_after_is_passed_to_callers_without_calling_entra() {
+async fn long_retry_after_holds_callers_and_answers_a_wait_clients_honour() {
     let fake = FakeEntra::start();
     fake.push_fault(Fault::StatusRetryAfter(503, 30));
     let (_dir, tf) = token_dir(&fake);
-    let broker = BrokerBuilder::entra(&fake, &tf).spawn().await;
+    let broker = BrokerBuilder::entra(&fake, &tf)
+        .args(["--request-timeout", "2s"])
+        .spawn()
+        .await;
+    let started = Instant::now();
     let r = broker.imds_token(STORAGE).await;
     assert_eq!(r.status, 503, "{}", r.raw);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "held until the request timeout: {:?}",
+        started.elapsed()
+    );
     let ra: u64 = r.retry_after.as_deref().unwrap().parse().unwrap();
-    assert!((28..=30).contains(&ra), "Retry-After {ra}");
+    // Entra's 30 s is more than the smallest client cap (25 s): capped at 20 s.
+    assert!((1..=20).contains(&ra), "Retry-After {ra}");
     assert_eq!(r.body["error"], "temporarily_unavailable");
-    for _ in 0..5 {
+    for _ in 0..2 {
         let r = broker.imds_token(STORAGE).await;
         assert_eq!(r.status, 503);
         assert!(r.retry_after.is_some());
@@ -518,6 +533,8 @@ async fn stale_token_is_served_while_entra_fails() {
     let broker = BrokerBuilder::entra(&fake, &tf).spawn().await;
     let first = broker.imds_token(STORAGE).await;
     assert_eq!(first.status, 200);
+    // Asked for again, so it is refreshed at half-life.
+    assert_eq!(broker.imds_token(STORAGE).await.status, 200);
     fake.set_sticky_fault(Fault::Status(503));
     // The refresh at half-life (10 s) fails; the still-valid token keeps being served.
     fake.wait_for_calls(2, Duration::from_secs(20))

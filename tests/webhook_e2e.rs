@@ -7,7 +7,7 @@ mod tls;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
-use imds_broker::server::{self, Limits};
+use imds_broker::listener::{self as server, Limits};
 use serde_json::{json, Value};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@
 mod tls;
 use bytes::Bytes;
 use http_body_util::Full;
-use imds_broker::server::{self, Limits};
+use imds_broker::listener::{self as server, Limits};
 use imds_broker::webhook::identity::{
     ApiConfig, IdentitySource, LookupError, PartialIdentity, ServiceAccountLookup,
 };

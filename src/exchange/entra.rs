@@ -271,25 +271,17 @@ fn retry_after(headers: &azure_core::http::headers::Headers) -> Option<Duration>
     parse_retry_after(v)
 }
 
-/// `Retry-After` is delta-seconds or an HTTP date.
+/// `Retry-After` is delta-seconds or an HTTP date (a date in the past is no wait).
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let when = httpdate_parse(value)?;
-    Some(when.saturating_sub(Duration::from_secs(now_unix())))
-}
-
-/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) into time since the epoch.
-fn httpdate_parse(s: &str) -> Option<Duration> {
-    let fmt = time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
-    let dt = time::PrimitiveDateTime::parse(s, &fmt).ok()?.assume_utc();
-    u64::try_from(dt.unix_timestamp())
-        .ok()
-        .map(Duration::from_secs)
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 #[derive(serde::Deserialize, Default)]

@@ -1,9 +1,10 @@
 //! The App Service managed-identity endpoint (api-version 2019-08-01), selected by every SDK
 //! from `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` alone — no link-local address, no iptables.
 
-use super::{require_get, with_retry_after, ApiError, Lookup, Query, SelectorParam};
+use super::service::{require_get, with_retry_after};
+use super::{ApiError, Lookup, Query, SelectorParam};
 use crate::broker::Selector;
-use crate::server::{json_response, Body};
+use crate::listener::{json_response, Body};
 use hyper::body::Incoming;
 use hyper::header::HeaderName;
 use hyper::{Request, Response, StatusCode};

@@ -1,9 +1,10 @@
 //! The IMDS managed-identity token endpoint, as Go and Rust SDKs call it at 169.254.169.254:
 //! `GET /metadata/identity/oauth2/token?api-version=…&resource=…` with `Metadata: true`.
 
-use super::{require_get, with_retry_after, ApiError, Lookup, Query, SelectorParam};
+use super::service::{require_get, with_retry_after};
+use super::{ApiError, Lookup, Query, SelectorParam};
 use crate::broker::Selector;
-use crate::server::{json_response, Body};
+use crate::listener::{json_response, Body};
 use hyper::body::Incoming;
 use hyper::header::HeaderName;
 use hyper::{Request, Response};

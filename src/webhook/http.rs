@@ -2,7 +2,7 @@
 
 use super::metrics::{Outcome, WebhookMetrics};
 use super::review::{ReviewError, Reviewer};
-use crate::server::{json_response, Body};
+use crate::listener::{json_response, Body};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};

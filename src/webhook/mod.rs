@@ -17,7 +17,7 @@ pub mod review;
 pub mod tls;
 
 use crate::admin::Admin;
-use crate::server::{self, Limits};
+use crate::listener::{self, Limits};
 use anyhow::Context;
 use clap::Args;
 use identity::{ApiConfig, IdentitySource, NoLookup, PartialIdentity, ServiceAccountLookup};
@@ -38,7 +38,7 @@ pub const DEFAULT_MATCH_LABELS: &[&str] = &[
     "velero.io/repo-name",
 ];
 
-use crate::cli::parse_duration;
+use crate::values::{parse_duration, parse_quantity, quantity_value};
 
 fn parse_expiration(s: &str) -> Result<i64, String> {
     let v: i64 = s.parse().map_err(|e| format!("{e}"))?;
@@ -51,63 +51,6 @@ fn parse_expiration(s: &str) -> Result<i64, String> {
             patch::MAX_TOKEN_EXPIRATION
         ))
     }
-}
-
-/// A resource quantity for the sidecar; an empty value means "not set".
-fn parse_quantity(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    if s.is_empty() || quantity_value(s).is_some() {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "{s:?} is not a Kubernetes quantity (examples: 10m, 0.5, 16Mi, 1Gi)"
-        ))
-    }
-}
-
-/// The numeric value of a Kubernetes quantity (`100m`, `16Mi`, `1e3`), for validation.
-pub fn quantity_value(s: &str) -> Option<f64> {
-    const SUFFIXES: &[(&str, f64)] = &[
-        ("Ki", 1024.0),
-        ("Mi", 1048576.0),
-        ("Gi", 1073741824.0),
-        ("Ti", 1099511627776.0),
-        ("Pi", 1125899906842624.0),
-        ("Ei", 1152921504606846976.0),
-        ("n", 1e-9),
-        ("u", 1e-6),
-        ("m", 1e-3),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-    ];
-    let number_end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
-        .unwrap_or(s.len());
-    let (number, suffix) = s.split_at(number_end);
-    let digits_ok = number
-        .trim_start_matches(['+', '-'])
-        .chars()
-        .all(|c| c.is_ascii_digit() || c == '.')
-        && number.chars().any(|c| c.is_ascii_digit())
-        && number.matches('.').count() <= 1;
-    if !digits_ok {
-        return None;
-    }
-    let value: f64 = number.parse().ok()?;
-    let factor = if suffix.is_empty() {
-        1.0
-    } else if let Some((_, f)) = SUFFIXES.iter().find(|(k, _)| *k == suffix) {
-        *f
-    } else if let Some(exp) = suffix.strip_prefix(['e', 'E']) {
-        10f64.powi(exp.parse::<i32>().ok()?)
-    } else {
-        return None;
-    };
-    Some(value * factor)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -395,9 +338,9 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         Arc::new(review::random_identity_header),
     ));
 
-    let listener = server::bind(args.listen, "webhook").await?;
-    let admin_listener = server::bind(args.admin_listen, "admin").await?;
-    let (trigger, shutdown) = server::shutdown_channel();
+    let listener = listener::bind(args.listen, "webhook")?;
+    let admin_listener = listener::bind(args.admin_listen, "admin")?;
+    let (trigger, shutdown) = listener::shutdown_channel();
     let ready = Arc::new(AtomicBool::new(true));
 
     let admin = Admin {
@@ -416,7 +359,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
             Arc::new(move || metrics.render())
         },
     };
-    let admin_task = tokio::spawn(server::serve(
+    let admin_task = tokio::spawn(listener::serve(
         admin_listener,
         move |req, _peer| {
             let admin = admin.clone();
@@ -433,7 +376,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         body_timeout: args.request_timeout,
     };
     let handshake_timeout = args.request_timeout;
-    let webhook_task = tokio::spawn(server::serve_with(
+    let webhook_task = tokio::spawn(listener::serve_with(
         listener,
         move |stream| {
             let acceptor = acceptor.clone();
@@ -470,7 +413,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
     ));
 
     tracing::info!(listen = %args.listen, admin_listen = %args.admin_listen, "webhook serving");
-    server::termination_signal().await;
+    listener::termination_signal().await;
     ready.store(false, Ordering::Relaxed);
     if !args.shutdown_delay.is_zero() {
         tracing::info!(delay = ?args.shutdown_delay, "draining before closing the listeners");
@@ -501,22 +444,6 @@ mod tests {
         let mut argv = vec!["x", "--sidecar-image", "img:1"];
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).map(|c| c.args)
-    }
-
-    #[test]
-    fn quantities() {
-        for (s, v) in [
-            ("10m", 0.01),
-            ("16Mi", 16.0 * 1048576.0),
-            ("0.5", 0.5),
-            ("1e3", 1000.0),
-            ("2k", 2000.0),
-        ] {
-            assert_eq!(quantity_value(s), Some(v), "{s}");
-        }
-        for bad in ["", "Mi", "1.2.3", "10x", "1ee", "-", "1 Mi"] {
-            assert_eq!(quantity_value(bad), None, "{bad}");
-        }
     }
 
     #[test]

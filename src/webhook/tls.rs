@@ -114,7 +114,7 @@ impl ReloadingCert {
     pub async fn watch(
         self: Arc<Self>,
         interval: Duration,
-        mut shutdown: crate::server::Shutdown,
+        mut shutdown: crate::listener::Shutdown,
         on_change: impl Fn(Reload) + Send + 'static,
     ) {
         let mut ticker = tokio::time::interval(interval);

@@ -15,11 +15,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 // Tokio's clock: the same as std's, except that tests can pause it.
 use tokio::time::Instant;
 
@@ -75,7 +75,7 @@ impl Shutdown {
 }
 
 /// Binds `addr`, with an error that names the address and the usual causes.
-pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+pub fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     listen(addr).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::PermissionDenied => {
@@ -157,14 +157,9 @@ pub async fn serve_with<W, WF, IO, H, F>(
         .keep_alive(true);
     let head_limit = limits.header_read_timeout;
     let local = listener.local_addr().ok();
+    let conns = Conns::default();
 
     loop {
-        // Take a connection slot before accepting, so excess clients queue in the backlog
-        // instead of costing memory here.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.wait() => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -175,32 +170,65 @@ pub async fn serve_with<W, WF, IO, H, F>(
                     continue;
                 }
             },
-            _ = shutdown.wait() => break,
+            () = shutdown.wait() => break,
+        };
+        // At the cap, the connection idle longest makes room: idle keep-alive connections and
+        // slow heads must not lock out a caller (or a kubelet probe). If every connection is
+        // being answered, the new one waits for a slot.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let mut slot = None;
+                loop {
+                    conns.evict_idlest();
+                    tokio::select! {
+                        p = permits.clone().acquire_owned() => {
+                            slot = p.ok();
+                            break;
+                        }
+                        // Connections idle too briefly now may be evictable soon.
+                        () = tokio::time::sleep(EVICTABLE_AFTER / 4) => {}
+                        () = shutdown.wait() => break,
+                    }
+                }
+                match slot {
+                    Some(p) => p,
+                    None => break,
+                }
+            }
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let wrap = wrap.clone();
         let http = http.clone();
         let watcher = graceful.watcher();
+        let conn_state = conns.add();
         tokio::spawn(async move {
             let _permit = permit;
-            let io = match wrap(stream).await {
-                Ok(io) => io,
-                Err(e) => {
-                    tracing::debug!(error = %e, %peer, "connection setup failed");
-                    return;
-                }
+            let state = conn_state;
+            let io = tokio::select! {
+                wrapped = tokio::time::timeout(head_limit, wrap(stream)) => match wrapped {
+                    Ok(Ok(io)) => io,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, %peer, "connection setup failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "connection setup (TLS handshake) timed out");
+                        return;
+                    }
+                },
+                () = state.evict.notified() => return,
             };
-            let deadline = Arc::new(HeadDeadline::new());
             let service = {
-                let deadline = deadline.clone();
+                let state = state.clone();
                 service_fn(move |req| {
-                    deadline.answering();
-                    let deadline = deadline.clone();
+                    state.deadline.answering();
+                    let state = state.clone();
                     let fut = handler(req, peer);
                     async move {
                         let resp = fut.await;
-                        deadline.answered();
+                        state.deadline.answered();
                         Ok::<_, Infallible>(resp)
                     }
                 })
@@ -211,19 +239,78 @@ pub async fn serve_with<W, WF, IO, H, F>(
                 ended = conn => if let Err(e) = ended {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 },
-                () = deadline.missed(head_limit) => {
+                () = state.deadline.missed(head_limit) => {
                     tracing::debug!(%peer, limit = ?head_limit, "connection closed: no complete request head in time");
+                }
+                () = state.evict.notified() => {
+                    tracing::debug!(%peer, "idle connection closed to make room or to shut down");
                 }
             }
         });
     }
     drop(listener);
-    // Signals every connection to finish its in-flight request and close; waits for them.
+    // Connections reading a head or idle between requests close now; those being answered
+    // finish their answer and close.
+    conns.evict_idle();
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(listener = ?local, "in-flight connections did not finish within the grace period");
+    }
+}
+
+/// How long a connection must have been idle before it may be evicted at the cap.
+const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
+
+/// One connection's state, seen by the accept loop.
+struct Conn {
+    deadline: HeadDeadline,
+    /// Closes the connection when it is not answering a request.
+    evict: Notify,
+}
+
+/// The open connections of one listener, for eviction at the cap and at shutdown.
+#[derive(Default)]
+struct Conns(Mutex<Vec<Weak<Conn>>>);
+
+impl Conns {
+    fn add(&self) -> Arc<Conn> {
+        let conn = Arc::new(Conn {
+            deadline: HeadDeadline::new(),
+            evict: Notify::new(),
+        });
+        let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        all.retain(|c| c.strong_count() > 0);
+        all.push(Arc::downgrade(&conn));
+        conn
+    }
+
+    /// Closes the connection that has waited longest for a request head, if any has waited
+    /// [`EVICTABLE_AFTER`]: a burst of new callers, whose heads arrive within milliseconds,
+    /// waits for slots instead of evicting each other.
+    fn evict_idlest(&self) {
+        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let cutoff = Instant::now().checked_sub(EVICTABLE_AFTER);
+        let idlest = all
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|c| c.deadline.idle_since().map(|since| (since, c)))
+            .filter(|(since, _)| cutoff.is_some_and(|cut| *since <= cut))
+            .min_by_key(|(since, _)| *since);
+        if let Some((_, conn)) = idlest {
+            conn.evict.notify_one();
+        }
+    }
+
+    /// Closes every connection that is not answering a request.
+    fn evict_idle(&self) {
+        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for conn in all.iter().filter_map(Weak::upgrade) {
+            if conn.deadline.idle_since().is_some() {
+                conn.evict.notify_one();
+            }
+        }
     }
 }
 
@@ -259,8 +346,16 @@ impl HeadDeadline {
 
     /// The answer is ready: the next head is due within the limit from now.
     fn answered(&self) {
-        let ms = self.opened.elapsed().as_millis() as u64;
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(Self::BUSY - 1);
         self.idle_since_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection last became idle; `None` while a request is being answered.
+    fn idle_since(&self) -> Option<Instant> {
+        match self.idle_since_ms.load(Ordering::Relaxed) {
+            Self::BUSY => None,
+            ms => Some(self.opened + Duration::from_millis(ms)),
+        }
     }
 
     /// Resolves once the connection has been idle for `limit` without a complete head.

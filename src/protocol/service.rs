@@ -1,0 +1,250 @@
+//! The token listener's request handling: routes a request to its protocol's checks, answers
+//! a cached token at once, and waits for the broker only on a cache miss.
+
+use super::body::token_body;
+use super::error::ApiError;
+use super::query::{Query, SelectorParam};
+use super::{app_service, imds, APP_SERVICE_TOKEN_PATH, IMDS_TOKEN_PATH};
+use crate::broker::{Broker, Selector, Token};
+use crate::listener::{json_response, Body};
+use crate::metrics::{Endpoint, Metrics};
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use std::future::{ready, Future, Ready};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Routes token-listener requests to the protocol adapters.
+pub struct TokenService {
+    pub broker: Arc<Broker>,
+    pub metrics: Arc<Metrics>,
+    /// Enables the App Service endpoint.
+    pub identity_header: Option<app_service::IdentityHeader>,
+    /// Longest wait for a token; the broker holds a waiting caller at most this long.
+    pub request_timeout: Duration,
+}
+
+/// A token request that passed its protocol's checks: what remains is the broker lookup.
+pub struct Lookup {
+    pub query: Query,
+    /// The query parameters that select an identity in this protocol.
+    pub selectors: &'static [SelectorParam],
+}
+
+impl Lookup {
+    /// The resource and the identity selector asked for.
+    fn target(&self) -> Result<(&str, Selector), ApiError> {
+        Ok((self.query.resource()?, self.query.selector(self.selectors)?))
+    }
+}
+
+/// The answer to one request: ready at once (a cached token, or a refused request), or a
+/// boxed wait for an exchange. Only a cache miss allocates a future, so the hot path has no
+/// async state to move around (bench/RESULTS.md).
+pub enum Answer {
+    Ready(Ready<Response<Body>>),
+    Waiting(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+}
+
+impl Future for Answer {
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        match self.get_mut() {
+            Answer::Ready(resp) => Pin::new(resp).poll(cx),
+            Answer::Waiting(fut) => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Method and path of a request, kept only when debug logging is on.
+type Logged = Option<(Method, String)>;
+
+impl TokenService {
+    /// Answers one token-listener request.
+    ///
+    /// The request is checked, and dropped, before this returns: a request still alive while
+    /// hyper reads ahead on the connection made that read allocate a new buffer for every
+    /// request (bench/RESULTS.md).
+    pub fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Answer {
+        let (endpoint, checked) = self.check(&req);
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
+        drop(req);
+        let now = |resp| Answer::Ready(ready(self.finish(endpoint, resp, logged.clone())));
+        let lookup = match checked {
+            Ok(lookup) => lookup,
+            Err(e) => return now(error_response(endpoint, &e)),
+        };
+        match self.cached(&lookup) {
+            Ok(Some(body)) => now(token_response(body)),
+            Err(e) => now(error_response(endpoint, &e)),
+            Ok(None) => {
+                let svc = self.clone();
+                Answer::Waiting(Box::pin(async move {
+                    let limit = svc.request_timeout;
+                    // The broker answers by the deadline itself; this only bounds an exchange
+                    // that is still running then.
+                    let backstop = limit + Duration::from_secs(1);
+                    let resp = match tokio::time::timeout(backstop, svc.fetch(&lookup)).await {
+                        Ok(Ok(body)) => token_response(body),
+                        Ok(Err(e)) => error_response(endpoint, &e),
+                        Err(_) => error_response(endpoint, &ApiError::timeout(limit)),
+                    };
+                    svc.finish(endpoint, resp, logged)
+                }))
+            }
+        }
+    }
+
+    /// Counts an answer, and logs it at debug level.
+    fn finish(&self, endpoint: Endpoint, resp: Response<Body>, logged: Logged) -> Response<Body> {
+        self.metrics.request(endpoint, resp.status().as_u16());
+        if let Some((method, path)) = logged {
+            tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        }
+        resp
+    }
+
+    /// Routes by path and runs the protocol's own checks.
+    fn check(&self, req: &Request<Incoming>) -> (Endpoint, Result<Lookup, ApiError>) {
+        let path = token_path(req.uri().path());
+        if path == IMDS_TOKEN_PATH {
+            (Endpoint::imds, imds::check(req))
+        } else if path == APP_SERVICE_TOKEN_PATH {
+            let checked = match &self.identity_header {
+                Some(secret) => app_service::check(secret, req),
+                None => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "the App Service endpoint is disabled: start imds-broker with \
+                     --identity-header / IDENTITY_HEADER",
+                )),
+            };
+            (Endpoint::app_service, checked)
+        } else {
+            (Endpoint::other, Err(not_served(req)))
+        }
+    }
+
+    /// The hot path, shared by both protocols once their own checks passed: a cached token's
+    /// body; `None` when the caller has to wait for an exchange.
+    fn cached(&self, lookup: &Lookup) -> Result<Option<Bytes>, ApiError> {
+        let (resource, selector) = lookup.target()?;
+        let token = self.broker.cached_token(&selector, resource)?;
+        Ok(token.map(|t| self.body(&t, resource)))
+    }
+
+    /// The slow path: the broker's exchange (or a wait for one already running).
+    async fn fetch(&self, lookup: &Lookup) -> Result<Bytes, ApiError> {
+        let (resource, selector) = lookup.target()?;
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let token = self.broker.token(&selector, resource, deadline).await?;
+        Ok(self.body(&token, resource))
+    }
+
+    /// Each caller gets its own spelling of the resource back.
+    fn body(&self, token: &Arc<Token>, resource: &str) -> Bytes {
+        token_body(token, resource, &self.broker.identity().client_id)
+    }
+}
+
+/// An error in the format of the endpoint's protocol (IMDS's for unknown paths).
+pub fn error_response(endpoint: Endpoint, e: &ApiError) -> Response<Body> {
+    match endpoint {
+        Endpoint::app_service => app_service::error_response(e),
+        Endpoint::imds | Endpoint::other => imds::error_response(e),
+    }
+}
+
+/// The request path with one trailing slash removed, for matching the token endpoints.
+///
+/// msal-node (under @azure/identity 4.x) builds its IMDS URL from
+/// `AZURE_POD_IDENTITY_AUTHORITY_HOST` through msal-common's `UrlString`, which canonicalises
+/// every URL with a trailing slash: it asks for `/metadata/identity/oauth2/token/`. Without
+/// this, Node clients got a 404, which they retry five times with backoff (~20 s per call)
+/// before failing. Found by tests/conformance (client-compatibility.md, "surprises").
+pub fn token_path(path: &str) -> &str {
+    match path.strip_suffix('/') {
+        Some(p) if p == IMDS_TOKEN_PATH || p == APP_SERVICE_TOKEN_PATH => p,
+        _ => path,
+    }
+}
+
+/// Anything else — notably instance metadata — is refused with JSON, so nothing about the
+/// node leaks and SDK probes still get a parseable answer.
+fn not_served(req: &Request<Incoming>) -> ApiError {
+    if let Err(e) = require_get(req) {
+        return e;
+    }
+    let path: String = req.uri().path().chars().take(200).collect();
+    let description = if path.starts_with("/metadata/") {
+        format!(
+            "{path} is not served by imds-broker: only the managed-identity token endpoint \
+             {IMDS_TOKEN_PATH} is (instance metadata is deliberately not exposed)"
+        )
+    } else {
+        format!(
+            "{path} is not served by imds-broker: token endpoints are {IMDS_TOKEN_PATH} \
+             (IMDS) and {APP_SERVICE_TOKEN_PATH} (App Service)"
+        )
+    };
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", description)
+}
+
+/// The shared "method must be GET" check.
+pub fn require_get(req: &Request<Incoming>) -> Result<(), ApiError> {
+    if req.method() == Method::GET {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} is not supported: use GET", req.method()),
+        ))
+    }
+}
+
+/// Adds `Retry-After` (whole seconds, at least 1) to an error response.
+pub fn with_retry_after(mut resp: Response<Body>, wait: Option<Duration>) -> Response<Body> {
+    if let Some(wait) = wait {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut num = itoa::Buffer::new();
+        if let Ok(v) = hyper::header::HeaderValue::from_str(num.format(secs.max(1))) {
+            resp.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+        }
+    }
+    resp
+}
+
+/// A JSON body for a successful token answer.
+pub fn token_response(body: Bytes) -> Response<Body> {
+    json_response(StatusCode::OK, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_paths_accept_one_trailing_slash() {
+        assert_eq!(
+            token_path("/metadata/identity/oauth2/token/"),
+            IMDS_TOKEN_PATH
+        );
+        assert_eq!(
+            token_path("/metadata/identity/oauth2/token"),
+            IMDS_TOKEN_PATH
+        );
+        assert_eq!(token_path("/msi/token/"), APP_SERVICE_TOKEN_PATH);
+        // Only the token endpoints, and only one slash.
+        assert_eq!(token_path("/metadata/instance/"), "/metadata/instance/");
+        assert_eq!(
+            token_path("/metadata/identity/oauth2/token//"),
+            "/metadata/identity/oauth2/token//"
+        );
+    }
+}
