@@ -6,9 +6,10 @@
 2. With the namespace's `net.ipv4.ip_unprivileged_port_start=80` (the pod's safe sysctl), the
    broker runs as a non-root user with NO capabilities and listens on 169.254.169.254:80 and
    127.0.0.1:8400. The fake Entra runs inside the namespace too (its 127.0.0.1 is not ours).
-3. Python, Node and Rust SDK clients run inside the namespace with NO override env at all
-   (no IDENTITY_ENDPOINT, no AZURE_POD_IDENTITY_AUTHORITY_HOST): they call the hard-coded
-   http://169.254.169.254 and get tokens with the right expiry.
+3. Python, Node, Rust and Go (azidentity v1.6.0-v1.13.1, as Velero 1.15-1.18 pin it) SDK
+   clients run inside the namespace with NO override env at all (no IDENTITY_ENDPOINT, no
+   AZURE_POD_IDENTITY_AUTHORITY_HOST): they call the hard-coded http://169.254.169.254 and get
+   tokens with the right expiry; Go also with Velero's scopes and ID options.
 4. Instance metadata is not leaked: every other /metadata/... path gets a JSON 404.
 5. Without init-network (a namespace with loopback up and the broker on 127.0.0.1:8400, i.e.
    the plain sidecar), the same client does not reach the broker, and the broker cannot bind
@@ -28,6 +29,11 @@ import pytest
 
 from conftest import (
     ARM,
+    ARM_CLASSIC,
+    GO_STEP,
+    GO_VERSIONS,
+    IDENTITY_OBJECT_ID,
+    IDENTITY_RESOURCE_ID,
     BROKER_BIN,
     CLIENTS,
     IP_BIN,
@@ -38,6 +44,8 @@ from conftest import (
     Broker,
     client_env,
     finish_client,
+    check_go_velero_case,
+    go_extra_steps,
     run_client,
     start_client,
     start_fake_entra,
@@ -154,7 +162,7 @@ class Pod:
     """netns + init-network (non-root, NET_ADMIN only) + the pod sysctl + fake Entra + the
     broker as nobody with no capabilities on 169.254.169.254:80 and 127.0.0.1:8400."""
 
-    def __init__(self, allow_resources=(STORAGE, ARM)):
+    def __init__(self, allow_resources=(STORAGE, ARM, ARM_CLASSIC), extra_args=()):
         self.ns = Netns()
         self.broker = None
         self.shared = tempfile.mkdtemp(prefix="ibconf-pod-")
@@ -181,6 +189,9 @@ class Pod:
                 "--authority-host", self.fake["authority"],
                 "--ca-file", ca,
                 "--token-file", self.token,
+                "--resource-id", IDENTITY_RESOURCE_ID,
+                "--object-id", IDENTITY_OBJECT_ID,
+                *extra_args,
             ]
             if allow_resources:
                 args += ["--allow-resource", ",".join(allow_resources)]
@@ -239,6 +250,8 @@ def transparent_runs(pod):
                 {"resource": STORAGE, "client_id": UNKNOWN_CLIENT_ID},
                 {"resource": REFUSED},
             ]
+            if lang == "go":
+                steps += go_extra_steps(fake["client_id"])
             cache[(lang, kind)] = run_client(lang, kind, steps, env, prefix=ns.prefix)
         return cache[(lang, kind)]
 
@@ -303,7 +316,8 @@ def pod503(require_netns):
 
 
 # Clients whose own retry policy retries a 503; plain MSAL Python relies on the application.
-SDK_RETRIES_503 = {("python", "mic"), ("python", "dac"), ("node", "mic"), ("node", "dac"), ("rust", "mic")}
+SDK_RETRIES_503 = {("python", "mic"), ("python", "dac"), ("node", "mic"), ("node", "dac"), ("rust", "mic"),
+                   *(("go", v) for v in GO_VERSIONS)}
 
 
 @pytest.mark.parametrize("lang,kind", transparent_params("recovers_after_503"))
@@ -328,6 +342,18 @@ def test_transparent_recovers_after_503(pod503, tmp_path, lang, kind):
     if (lang, kind) in SDK_RETRIES_503:
         assert r["attempts"] == 1, f"the SDK did not retry the 503 itself: {r}"
     assert r["elapsed_ms"] < 20000, r
+
+
+@pytest.mark.parametrize("version,case", [
+    pytest.param(version, case, id=f"go-{version}-{case}",
+                 marks=pytest.mark.matrix(CLIENTS[("go", version)], PROTOCOL, case))
+    for version in GO_VERSIONS for case in GO_STEP
+])
+def test_transparent_go_velero_cases(pod, transparent_runs, version, case):
+    """Velero's scopes, ClientID(""), ResourceID and ObjectID over transparent IMDS (the same
+    checks as test_clients.py's App Service ones)."""
+    _, _, fake, _ = pod
+    check_go_velero_case(case, version, transparent_runs("go", version)[GO_STEP[case]], fake)
 
 
 @pytest.mark.parametrize(

@@ -27,10 +27,11 @@
 // Prints ONE JSON line {"results": [...]}, each result: ok, phase ("constructor" or
 // "get_token"), expires_on, token_len, claims (aud, iss, appid, oid, tid, sub, ver; never the
 // token), error, error_type, status (of the response that failed the call, if any),
-// attempts (HTTP requests the SDK sent, counted with net/http/httptrace on GetToken's context,
-// so the SDK's own transport and retry policy are untouched), request_ms (when each request
-// was written, ms after GetToken began), elapsed_ms, again_us (a second GetToken on the same
-// credential: the SDK's cache).
+// attempts (GetToken calls: always 1, the SDK retries inside it), requests (HTTP requests the
+// SDK sent, counted with net/http/httptrace on GetToken's context, so the SDK's own transport
+// and retry policy are untouched), request_ms (when each request was written, ms after the
+// credential was built), elapsed_ms, again_us (a second GetToken on the same credential: the
+// SDK's cache).
 package main
 
 import (
@@ -68,6 +69,7 @@ type result struct {
 	ErrorType string            `json:"error_type,omitempty"`
 	Status    int               `json:"status,omitempty"`
 	Attempts  int               `json:"attempts"`
+	Requests  int               `json:"requests"`
 	RequestMs []int64           `json:"request_ms"`
 	ElapsedMs int64             `json:"elapsed_ms"`
 	AgainUs   int64             `json:"again_us,omitempty"`
@@ -143,7 +145,7 @@ func errorType(err error) (string, int) {
 func run(s step) result {
 	opts, described := options(s)
 	started := time.Now()
-	r := result{Options: described, RequestMs: []int64{}}
+	r := result{Options: described, Attempts: 1, RequestMs: []int64{}}
 	var cred *azidentity.ManagedIdentityCredential
 	var err error
 	if s.ObjectID != nil && opts.ID == nil {
@@ -165,7 +167,7 @@ func run(s step) result {
 		WroteRequest: func(httptrace.WroteRequestInfo) {
 			mu.Lock()
 			defer mu.Unlock()
-			r.Attempts++
+			r.Requests++
 			r.RequestMs = append(r.RequestMs, time.Since(started).Milliseconds())
 		},
 	}
