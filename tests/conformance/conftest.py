@@ -384,9 +384,10 @@ def client_env(protocol, broker_base, home, extra=None):
     return env
 
 
-def client_argv(lang, kind, steps):
+def client_argv(lang, kind, steps, go_kind="mic"):
     if lang == "go":
-        return [str(go_client_bin(kind)), "mic", json.dumps(steps)]
+        # kind is the azidentity version; go_kind the credential (mic, or dac).
+        return [str(go_client_bin(kind)), go_kind, json.dumps(steps)]
     if lang == "python":
         return [sys.executable, str(PY_CLIENT), kind, json.dumps(steps)]
     if lang == "node":
@@ -416,11 +417,11 @@ def run_rust_steps(steps, env, prefix=(), timeout=120):
     return results
 
 
-def run_client(lang, kind, steps, env, prefix=(), timeout=120):
+def run_client(lang, kind, steps, env, prefix=(), timeout=120, go_kind="mic"):
     """Runs one client process over `steps`; returns the list of per-step results."""
     if lang == "rust":
         return run_rust_steps(steps, env, prefix=prefix, timeout=timeout)
-    argv = list(prefix) + client_argv(lang, kind, steps)
+    argv = list(prefix) + client_argv(lang, kind, steps, go_kind=go_kind)
     p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(env["HOME"]))
     return parse_results(p.stdout, p.stderr, argv)["results"]
 
@@ -505,7 +506,7 @@ def check_go_velero_case(case, version, r, fake):
 
 RESULTS = {}
 CASE_ORDER = ["token", "token_client_id", "expiry", "unknown_client_id", "refused_resource", "recovers_after_503",
-              *GO_STEP,  # Go only: test_clients.py / test_transparent.py
+              *GO_STEP, "dac_probe",  # Go only: test_clients.py / test_transparent.py
               # Go only: test_go_faults.py
               "throttle_429_ra10", "throttle_429_ra30", "throttle_429_ra120", "entra_down_60s"]
 

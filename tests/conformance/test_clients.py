@@ -143,6 +143,9 @@ def test_unknown_client_id(shared, lang, kind, protocol):
     else:
         assert "Identity not found" in r["error"], r["error"]
         assert UNKNOWN_CLIENT_ID in r["error"], r["error"]
+    if lang == "go":
+        assert r["error_type"] == "AuthenticationFailedError" and r["status"] == 400, r
+        assert r["requests"] == 1, f"a 400 must not be retried: {r}"
     # Not retried: a configuration error must not take a client's whole retry budget.
     assert r["elapsed_ms"] < 5000, r
 
@@ -153,6 +156,9 @@ def test_refused_resource(shared, lang, kind, protocol):
     r = run(lang, kind, protocol)["results"][3]
     assert not r["ok"], "a token for a resource outside --allow-resource"
     assert "not allowed by this broker's policy" in r["error"], r["error"]
+    if lang == "go":
+        # Not "unavailable": in a credential chain Go would otherwise move on silently.
+        assert r["error_type"] == "AuthenticationFailedError" and r["status"] == 403, r
     assert r["elapsed_ms"] < 5000, r
 
 

@@ -32,6 +32,7 @@ from conftest import (
     ARM_CLASSIC,
     GO_STEP,
     GO_VERSIONS,
+    VELERO_STORAGE_SCOPE,
     IDENTITY_OBJECT_ID,
     IDENTITY_RESOURCE_ID,
     BROKER_BIN,
@@ -295,6 +296,9 @@ def test_transparent_unknown_client_id(transparent_runs, lang, kind):
         assert r["status"] == 400 and "has not been assigned" in r["error"], r
     else:
         assert "Identity not found" in r["error"] and UNKNOWN_CLIENT_ID in r["error"], r["error"]
+    if lang == "go":
+        assert r["error_type"] == "AuthenticationFailedError" and r["status"] == 400, r
+        assert r["requests"] == 1, f"a 400 must not be retried: {r}"
     assert r["elapsed_ms"] < 5000, r
 
 
@@ -303,6 +307,9 @@ def test_transparent_refused_resource(transparent_runs, lang, kind):
     r = transparent_runs(lang, kind)[3]
     assert not r["ok"], "a token for a resource outside --allow-resource"
     assert "not allowed by this broker's policy" in r["error"], r["error"]
+    if lang == "go":
+        # Not "unavailable": in a credential chain Go would otherwise move on silently.
+        assert r["error_type"] == "AuthenticationFailedError" and r["status"] == 403, r
     assert r["elapsed_ms"] < 5000, r
 
 
@@ -354,6 +361,38 @@ def test_transparent_go_velero_cases(pod, transparent_runs, version, case):
     checks as test_clients.py's App Service ones)."""
     _, _, fake, _ = pod
     check_go_velero_case(case, version, transparent_runs("go", version)[GO_STEP[case]], fake)
+
+
+@pytest.mark.parametrize("version", [
+    pytest.param(version, id=f"go-{version}",
+                 marks=pytest.mark.matrix(CLIENTS[("go", version)], PROTOCOL, "dac_probe"))
+    for version in GO_VERSIONS
+])
+def test_transparent_go_default_credential_probe(pod, tmp_path, version):
+    """Go's DefaultAzureCredential first probes IMDS (GET, no Metadata header, 1 s, no retry)
+    and uses managed identity only if something answered. The broker's JSON 400 counts as an
+    answer: the token follows. A refused resource then ends the chain with the broker's
+    message (AuthenticationFailedError), instead of moving on to the developer credentials
+    (except on v1.8.1, see below)."""
+    ns, broker, _, _ = pod
+    probes_before = broker.requests_served(400, "imds")
+    steps = [{"resource": STORAGE, "scope": VELERO_STORAGE_SCOPE}, {"resource": REFUSED}]
+    r = run_client("go", version, steps, client_env("transparent", None, tmp_path), prefix=ns.prefix,
+                   go_kind="dac")
+    token, refused = r
+    assert token["ok"], token.get("error")
+    # The probe, then the token request (each step is a new credential: it probes again).
+    assert token["requests"] == 2, token
+    assert broker.requests_served(400, "imds") == probes_before + 2, "one probe per DefaultAzureCredential"
+    assert not refused["ok"]
+    if version == "v1.8.1":
+        # v1.8.1 alone turns every non-2xx IMDS answer in a chain (but a 400 for a user-assigned
+        # ID) into "unavailable" and moves on (to the CLI credentials, absent here). The
+        # broker's message still ends up in the chain's error text.
+        assert refused["error_type"] == "credentialUnavailableError", refused
+    else:
+        assert refused["error_type"] == "AuthenticationFailedError", refused
+    assert "not allowed by this broker's policy" in refused["error"], refused["error"]
 
 
 @pytest.mark.parametrize(

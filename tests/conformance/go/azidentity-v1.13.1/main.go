@@ -14,7 +14,12 @@
 // IDENTITY_HEADER select App Service; otherwise IMDS at the hard-coded http://169.254.169.254
 // (Go honours no IMDS override, so its IMDS path is tested in a network namespace).
 //
-// Usage: go-client mic STEPS_JSON
+// Usage: go-client mic|dac STEPS_JSON
+//
+//	mic: NewManagedIdentityCredential with the step's ID option (what Velero builds).
+//	dac: NewDefaultAzureCredential(nil), whose managed-identity source first probes IMDS (a
+//	     GET without Metadata, 1 s, no retry) when no App Service env is set; the step's ID
+//	     options are ignored (no AZURE_CLIENT_ID is set either).
 //
 //	STEPS_JSON: [{"resource": "...", "scope": "...", "client_id": "...", "resource_id": "...",
 //	              "object_id": "...", "timeout_secs": N}, ...]
@@ -46,6 +51,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
 	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 )
@@ -142,15 +148,21 @@ func errorType(err error) (string, int) {
 	return strings.TrimPrefix(fmt.Sprintf("%T", err), "*azidentity."), 0
 }
 
-func run(s step) result {
+func run(kind string, s step) result {
 	opts, described := options(s)
+	if kind == "dac" {
+		described = map[string]string{"credential": "DefaultAzureCredential"}
+	}
 	started := time.Now()
 	r := result{Options: described, Attempts: 1, RequestMs: []int64{}}
-	var cred *azidentity.ManagedIdentityCredential
+	var cred azcore.TokenCredential
 	var err error
-	if s.ObjectID != nil && opts.ID == nil {
+	switch {
+	case kind == "dac":
+		cred, err = azidentity.NewDefaultAzureCredential(nil)
+	case s.ObjectID != nil && opts.ID == nil:
 		err = errors.New("this azidentity version has no ObjectID option")
-	} else {
+	default:
 		cred, err = azidentity.NewManagedIdentityCredential(opts)
 	}
 	if err != nil {
@@ -199,8 +211,8 @@ func run(s step) result {
 }
 
 func main() {
-	if len(os.Args) != 3 || os.Args[1] != "mic" {
-		fmt.Fprintln(os.Stderr, "usage: go-client mic STEPS_JSON")
+	if len(os.Args) != 3 || (os.Args[1] != "mic" && os.Args[1] != "dac") {
+		fmt.Fprintln(os.Stderr, "usage: go-client mic|dac STEPS_JSON")
 		os.Exit(2)
 	}
 	var steps []step
@@ -210,7 +222,7 @@ func main() {
 	}
 	results := make([]result, 0, len(steps))
 	for _, s := range steps {
-		results = append(results, run(s))
+		results = append(results, run(os.Args[1], s))
 	}
 	out, _ := json.Marshal(map[string]any{"results": results})
 	fmt.Println(string(out))
