@@ -82,11 +82,22 @@ CASE_TIMEOUT_S = 400
 
 # Cases that fail on today's broker (measured; see docs/client-compatibility.md). The lead
 # removes these once the broker holds callers / clamps Retry-After (issue 13 point 2).
-XFAIL = {}
+# Keys: (version or None for all, protocol or None for all, case).
+XFAIL = {
+    (None, None, "throttle_429_ra120"): (
+        "today's broker answers 503 with Entra's Retry-After: 120, above every Go client's 60 s "
+        "cap: the client gives up at once, after 1 request (measured on 3e54744)"),
+    ("v1.13.1", "transparent", "throttle_429_ra30"): (
+        "today's broker answers 503 with Entra's Retry-After: 30, above v1.13.1's IMDS cap of "
+        "25 s: the client gives up at once, after 1 request (measured on 3e54744)"),
+}
 
 
 def xfail_reason(version, protocol, case):
-    return XFAIL.get((version, protocol, case)) or XFAIL.get((None, protocol, case)) or XFAIL.get((version, None, case))
+    for key in ((version, protocol, case), (None, protocol, case), (version, None, case), (None, None, case)):
+        if key in XFAIL:
+            return XFAIL[key]
+    return None
 
 
 # --- the broker's own backoff, read from its --help (so a changed default is followed) ------
