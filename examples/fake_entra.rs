@@ -1,12 +1,23 @@
-//! Runs the test-support fake Entra server standalone, for benchmarks that drive the real broker
-//! against it.
+//! Runs the test-support fake Entra server standalone, for benchmarks and the conformance suite
+//! (tests/conformance), which drive the real broker against it.
 //!
 //! Prints one JSON line to stdout, e.g.
 //! `{"authority":"https://localhost:PORT","ca_file":"...","tenant_id":"...","client_id":"...",
 //!   "token_file":"...","calls_url":"http://127.0.0.1:PORT/calls"}`
 //! then serves until SIGINT/SIGTERM. The token file holds a valid service-account token and is
-//! re-minted periodically (atomically, as kubelet does). `GET calls_url` returns the number of
-//! token-endpoint calls so far as plain text.
+//! re-minted periodically (atomically, as kubelet does).
+//!
+//! The calls port (plain HTTP on 127.0.0.1) also lets a test change the fake's behaviour while it
+//! runs (the conformance suite's throttling and outage cases):
+//! - `GET /calls`: the number of token-endpoint calls so far, as plain text.
+//! - `GET /call-log`: JSON `{"now_ms": N, "calls": [{"ms", "scope", "fault"}]}`, times in ms since
+//!   the fake started.
+//! - `POST /fault` with JSON `{"status": 429, "retry_after": 10, "for_secs": 30}`: every token
+//!   request gets that status (with `Retry-After` if given) until `DELETE /fault`, or for
+//!   `for_secs` seconds if given (timed here, so the window does not depend on the caller's
+//!   scheduling). `{"reset": true}` instead drops each connection without an answer. Answers
+//!   `{"now_ms": N}`, the moment the fault began.
+//! - `DELETE /fault`: normal answers again.
 //!
 //! Usage: `cargo run --example fake_entra -- [--port N] [--calls-port N] [--delay-ms N]
 //!         [--token-lifetime-secs N] [--remint-secs N]`
@@ -22,23 +33,24 @@ mod issuer;
 mod tls;
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use fake_entra::FakeEntra;
-use http_body_util::Full;
+use fake_entra::{FakeEntra, Fault};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 #[derive(Parser, Debug)]
-#[command(about = "Fake Entra ID token endpoint for benchmarks")]
+#[command(about = "Fake Entra ID token endpoint for benchmarks and the conformance suite")]
 struct Args {
     /// HTTPS port of the fake token endpoint on 127.0.0.1 (0 = ephemeral).
     #[arg(long, default_value_t = 0)]
     port: u16,
-    /// Plain-HTTP port on 127.0.0.1 serving `GET /calls` (0 = ephemeral).
+    /// Plain-HTTP port on 127.0.0.1 of the calls/control API (0 = ephemeral).
     #[arg(long, default_value_t = 0)]
     calls_port: u16,
     /// Delay before every token-endpoint answer, in milliseconds.
@@ -92,7 +104,12 @@ async fn main() -> anyhow::Result<()> {
     let calls_addr = calls_listener
         .local_addr()
         .context("reading the calls port address")?;
-    let calls_server = tokio::spawn(serve_calls(calls_listener, Arc::clone(&fake)));
+    let control = Arc::new(Control {
+        fake: Arc::clone(&fake),
+        started: Instant::now(),
+        generation: AtomicU64::new(0),
+    });
+    let calls_server = tokio::spawn(serve_calls(calls_listener, control));
 
     let ready = serde_json::json!({
         "authority": fake.authority(),
@@ -112,32 +129,133 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Plain-HTTP side server: `GET /calls` → total token-endpoint calls, as text.
-async fn serve_calls(listener: tokio::net::TcpListener, fake: Arc<FakeEntra>) {
+/// State of the plain-HTTP control server.
+struct Control {
+    fake: Arc<FakeEntra>,
+    /// Zero of every `ms` the control API reports.
+    started: Instant,
+    /// Bumped by every fault change, so a `for_secs` timer only clears the fault it set.
+    generation: AtomicU64,
+}
+
+impl Control {
+    fn now_ms(&self) -> u128 {
+        self.started.elapsed().as_millis()
+    }
+
+    fn call_log(&self) -> serde_json::Value {
+        let calls: Vec<_> = self
+            .fake
+            .call_log()
+            .into_iter()
+            .map(|c| {
+                serde_json::json!({
+                    "ms": c.at.saturating_duration_since(self.started).as_millis(),
+                    "scope": c.scope,
+                    "fault": c.fault.map(|f| format!("{f:?}")),
+                })
+            })
+            .collect();
+        serde_json::json!({"now_ms": self.now_ms(), "calls": calls})
+    }
+
+    /// `POST /fault`: parses the JSON body, sets the sticky fault, arms the `for_secs` timer.
+    fn set_fault(self: &Arc<Self>, body: &[u8]) -> Result<serde_json::Value, String> {
+        let spec: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+        let fault = if spec.get("reset").and_then(|v| v.as_bool()) == Some(true) {
+            Fault::Reset
+        } else {
+            let status = spec
+                .get("status")
+                .and_then(|v| v.as_u64())
+                .and_then(|s| u16::try_from(s).ok())
+                .filter(|s| (400..600).contains(s))
+                .ok_or("need \"status\" (400-599) or \"reset\": true")?;
+            match spec.get("retry_after").and_then(|v| v.as_u64()) {
+                Some(secs) => Fault::StatusRetryAfter(status, secs),
+                None => Fault::Status(status),
+            }
+        };
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.fake.set_sticky_fault(fault);
+        let began = self.now_ms();
+        if let Some(secs) = spec.get("for_secs").and_then(|v| v.as_f64()) {
+            let control = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs_f64(secs.max(0.0))).await;
+                if control.generation.load(Ordering::SeqCst) == generation {
+                    control.fake.clear_sticky_fault();
+                }
+            });
+        }
+        Ok(serde_json::json!({"now_ms": began}))
+    }
+
+    fn clear_fault(&self) -> serde_json::Value {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.fake.clear_sticky_fault();
+        serde_json::json!({"now_ms": self.now_ms()})
+    }
+}
+
+/// Plain-HTTP side server: `GET /calls`, `GET /call-log`, `POST /fault`, `DELETE /fault`
+/// (see the module comment).
+async fn serve_calls(listener: tokio::net::TcpListener, control: Arc<Control>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
-        let fake = Arc::clone(&fake);
+        let control = Arc::clone(&control);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let fake = Arc::clone(&fake);
-                async move {
-                    let response = if req.uri().path() == "/calls" {
-                        Response::new(Full::new(Bytes::from(fake.calls().to_string())))
-                    } else {
-                        let mut r = Response::new(Full::new(Bytes::from_static(b"try /calls\n")));
-                        *r.status_mut() = StatusCode::NOT_FOUND;
-                        r
-                    };
-                    Ok::<_, Infallible>(response)
-                }
+                let control = Arc::clone(&control);
+                async move { Ok::<_, Infallible>(control_response(req, &control).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
         });
+    }
+}
+
+async fn control_response(
+    req: Request<hyper::body::Incoming>,
+    control: &Arc<Control>,
+) -> Response<Full<Bytes>> {
+    let json = |v: serde_json::Value| {
+        let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    let text = |status: StatusCode, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r
+    };
+    let method = req.method().clone();
+    match (method.as_str(), req.uri().path()) {
+        ("GET", "/calls") => text(StatusCode::OK, control.fake.calls().to_string()),
+        ("GET", "/call-log") => json(control.call_log()),
+        ("POST", "/fault") => {
+            let body = match Limited::new(req.into_body(), 4096).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("unreadable body: {e}\n")),
+            };
+            match control.set_fault(&body) {
+                Ok(v) => json(v),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        ("DELETE", "/fault") => json(control.clear_fault()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try GET /calls, GET /call-log, POST /fault, DELETE /fault\n".to_string(),
+        ),
     }
 }
 

@@ -4,7 +4,9 @@
 # docs/client-compatibility.md and docs/transparent-mode.md.
 #
 # Installs what it needs: the pinned Python SDKs into .venv (shared with other scripts), the
-# pinned Node SDK into tests/conformance/node/node_modules, iproute2/util-linux if missing.
+# pinned Node SDK into tests/conformance/node/node_modules, the Go azidentity clients (one per
+# version Velero pins; modules through the Go module proxy, checked against the committed
+# go.sum) into target/go-clients, iproute2/util-linux if missing.
 # The transparent-mode tests need root and `ip netns`; elsewhere they skip, except with CI=true
 # (or IMDS_BROKER_REQUIRE_NETNS=1), where they must run.
 #
@@ -19,6 +21,13 @@ cargo build --locked --bin imds-broker --example fake_entra --example rust_mi_cl
 echo "--- Python SDKs (.venv)"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -r tests/conformance/requirements.txt
+
+echo "--- Go azidentity clients (tests/conformance/go, one module per version Velero pins)"
+if ! command -v go >/dev/null && [[ $(id -u) -eq 0 ]]; then
+  # CI images have Go; a bare Debian gets its packaged one (go.mod's `go` lines are <= 1.24).
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null
+fi
+bash tests/conformance/go/build.sh
 
 echo "--- Node SDK"
 command -v node >/dev/null || { echo "node (>= 20) is required"; exit 1; }

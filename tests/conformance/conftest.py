@@ -29,12 +29,23 @@ BROKER_BIN = Path(os.environ.get("IMDS_BROKER_BIN", TARGET / "debug" / "imds-bro
 FAKE_ENTRA_BIN = TARGET / "debug" / "examples" / "fake_entra"
 RUST_CLIENT_BIN = TARGET / "debug" / "examples" / "rust_mi_client"
 PY_CLIENT = Path(__file__).parent / "clients" / "py_client.py"
+RETRY_PROBE = Path(__file__).parent / "clients" / "retry_probe.py"
+# Built by tests/conformance/go/build.sh (scripts/test-conformance.sh runs it).
+GO_CLIENT_DIR = Path(os.environ.get("GO_CLIENTS_DIR", TARGET / "go-clients"))
 NODE_CLIENT = Path(__file__).parent / "node" / "client.mjs"
 NODE_BIN = shutil.which("node") or "node"
 IP_BIN = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip", "/bin/ip") if os.path.exists(p)), "ip")
 
 STORAGE = "https://storage.azure.com/"
 ARM = "https://management.azure.com/"
+# The two scopes Velero's Go code asks for (storage, and ARM in its classic spelling).
+VELERO_STORAGE_SCOPE = "https://storage.azure.com/.default"
+VELERO_ARM_SCOPE = "https://management.core.windows.net//.default"
+ARM_CLASSIC = "https://management.core.windows.net/"
+# The identity's other names, configured on every broker so ResourceID/ObjectID selectors work.
+IDENTITY_RESOURCE_ID = ("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/velero"
+                        "/providers/Microsoft.ManagedIdentity/userAssignedIdentities/velero-conformance")
+IDENTITY_OBJECT_ID = "0b1ec7ed-0000-4000-8000-00000000cafe"
 REFUSED = "https://vault.azure.net/"
 UNKNOWN_CLIENT_ID = "00000000-0000-0000-0000-00000000dead"
 IDENTITY_HEADER = "conformance-identity-header-5ecr3t"
@@ -51,6 +62,35 @@ CLIENTS = {
     ("node", "dac"): "Node @azure/identity DefaultAzureCredential",
     ("rust", "mic"): "Rust azure_identity ManagedIdentityCredential",
 }
+
+# Go azidentity, one module per version a Velero release pins (tests/conformance/go/).
+GO_VERSIONS = {"v1.6.0": "1.15", "v1.8.1": "1.16", "v1.10.1": "1.17", "v1.13.1": "1.18"}
+for _v, _velero in GO_VERSIONS.items():
+    CLIENTS[("go", _v)] = f"Go azidentity {_v} (Velero {_velero}) ManagedIdentityCredential"
+
+
+def go_client_bin(version):
+    return GO_CLIENT_DIR / f"azidentity-{version}" / "go-client"
+
+
+def go_version_tuple(version):
+    return tuple(int(x) for x in version.lstrip("v").split("."))
+
+
+def go_extra_steps(client_id):
+    """Go-only steps (after the four shared ones): Velero's two scopes with Velero's option,
+    ClientID(""), ResourceID, ObjectID."""
+    return [
+        {"resource": STORAGE, "scope": VELERO_STORAGE_SCOPE, "client_id": client_id},
+        {"resource": ARM_CLASSIC, "scope": VELERO_ARM_SCOPE, "client_id": client_id},
+        {"resource": STORAGE, "scope": VELERO_STORAGE_SCOPE, "client_id": ""},
+        {"resource": STORAGE, "scope": VELERO_STORAGE_SCOPE, "resource_id": IDENTITY_RESOURCE_ID},
+        {"resource": STORAGE, "scope": VELERO_STORAGE_SCOPE, "object_id": IDENTITY_OBJECT_ID},
+    ]
+
+
+# Index of each Go-only step in a Go client's results (after the four shared steps).
+GO_STEP = {"velero_storage_scope": 4, "velero_arm_scope": 5, "client_id_empty": 6, "resource_id": 7, "object_id": 8}
 
 def wait_for(cond, timeout, what, interval=0.05):
     """Polls cond() until it returns a truthy value; fails with `what` after `timeout` s."""
@@ -157,6 +197,37 @@ def ns_http_get(netns, url, headers=None, timeout=20):
         return status, hdrs, raw
 
 
+NS_REQUEST = """
+import json, sys, urllib.request
+method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
+req = urllib.request.Request(url, method=method, data=body.encode() if body else None,
+                             headers={"Content-Type": "application/json"})
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+with opener.open(req, timeout=10) as r:
+    print(r.read().decode())
+"""
+
+
+def fake_control(fake, method, path, body=None, netns=None):
+    """The fake Entra's control API (examples/fake_entra.rs: /calls, /call-log, /fault), from
+    this process or from inside `netns` (where that fake's 127.0.0.1 is). Returns parsed JSON."""
+    url = fake["calls_url"].rsplit("/", 1)[0] + path
+    payload = json.dumps(body) if body is not None else ""
+    if netns:
+        p = subprocess.run([IP_BIN, "netns", "exec", netns, sys.executable, "-c", NS_REQUEST, method, url, payload],
+                           capture_output=True, text=True, timeout=20)
+        if p.returncode != 0:
+            raise AssertionError(f"{method} {url} in netns {netns} failed: {p.stderr[-2000:]}")
+        raw = p.stdout
+    else:
+        req = urllib.request.Request(url, method=method, data=payload.encode() if payload else None,
+                                     headers={"Content-Type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=10) as r:
+            raw = r.read().decode()
+    return json.loads(raw)
+
+
 def start_fake_entra(prefix=()):
     """Starts examples/fake_entra (optionally under a prefix such as `ip netns exec NS`);
     returns (Popen, its JSON line: authority, ca_file, tenant_id, client_id, token_file)."""
@@ -246,7 +317,7 @@ class Broker:
 def fake_entra():
     """The fake Entra (examples/fake_entra.rs) for the whole run: its authority, CA, ids and a
     valid service-account token file (re-minted by the fake; tests copy it)."""
-    for binary in (BROKER_BIN, FAKE_ENTRA_BIN, RUST_CLIENT_BIN):
+    for binary in (BROKER_BIN, FAKE_ENTRA_BIN, RUST_CLIENT_BIN, *(go_client_bin(v) for v in GO_VERSIONS)):
         if not binary.exists():
             pytest.fail(f"{binary} is missing: run scripts/test-conformance.sh (it builds it)")
     proc, info = start_fake_entra()
@@ -272,7 +343,9 @@ def broker_args(fake, token_file, *extra):
         "--ca-file", fake["ca_file"],
         "--token-file", str(token_file),
         "--identity-header", IDENTITY_HEADER,
-        "--allow-resource", f"{STORAGE},{ARM}",
+        "--allow-resource", f"{STORAGE},{ARM},{ARM_CLASSIC}",
+        "--resource-id", IDENTITY_RESOURCE_ID,
+        "--object-id", IDENTITY_OBJECT_ID,
         "--retry-initial-backoff", "50ms",
         "--retry-max-backoff", "2s",
         "--entra-timeout", "5s",
@@ -311,7 +384,10 @@ def client_env(protocol, broker_base, home, extra=None):
     return env
 
 
-def client_argv(lang, kind, steps):
+def client_argv(lang, kind, steps, go_kind="mic"):
+    if lang == "go":
+        # kind is the azidentity version; go_kind the credential (mic, or dac).
+        return [str(go_client_bin(kind)), go_kind, json.dumps(steps)]
     if lang == "python":
         return [sys.executable, str(PY_CLIENT), kind, json.dumps(steps)]
     if lang == "node":
@@ -341,11 +417,11 @@ def run_rust_steps(steps, env, prefix=(), timeout=120):
     return results
 
 
-def run_client(lang, kind, steps, env, prefix=(), timeout=120):
+def run_client(lang, kind, steps, env, prefix=(), timeout=120, go_kind="mic"):
     """Runs one client process over `steps`; returns the list of per-step results."""
     if lang == "rust":
         return run_rust_steps(steps, env, prefix=prefix, timeout=timeout)
-    argv = list(prefix) + client_argv(lang, kind, steps)
+    argv = list(prefix) + client_argv(lang, kind, steps, go_kind=go_kind)
     p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(env["HOME"]))
     return parse_results(p.stdout, p.stderr, argv)["results"]
 
@@ -379,10 +455,60 @@ def finish_client(proc, timeout=90):
     return parsed
 
 
+# --- Go checks shared by test_clients.py and test_transparent.py ------------------------------
+
+def check_go_token(r, fake, audience):
+    """A Go result that carries the fake Entra's token for this identity and audience."""
+    assert r["ok"], r.get("error") or r
+    assert r["phase"] == "get_token" and r["requests"] >= 1, r
+    claims = r["claims"]
+    assert claims["appid"] == fake["client_id"], claims
+    assert claims["tid"] == fake["tenant_id"], claims
+    # The audience is the resource as the broker asked Entra for it; Go trims "/.default"
+    # (storage without a slash, ARM's classic spelling keeps its own trailing slash).
+    assert claims["aud"].rstrip("/") == audience.rstrip("/"), claims
+    # A second GetToken on the same credential is the SDK's cache, not another request.
+    assert r.get("again_us", 10**9) < 50_000, r
+
+
+def check_go_velero_case(case, version, r, fake):
+    """Shared by the App Service (here) and transparent (test_transparent.py) suites."""
+    if case == "velero_storage_scope":
+        check_go_token(r, fake, "https://storage.azure.com")
+    elif case == "velero_arm_scope":
+        check_go_token(r, fake, ARM_CLASSIC)
+    elif case == "client_id_empty":
+        if go_version_tuple(version) < (1, 9):
+            # <= 1.8 sends `client_id=` (empty); the broker serves its configured identity.
+            check_go_token(r, fake, "https://storage.azure.com")
+            assert r["options"] == {"ID": "ClientID", "value": ""}, r
+        else:
+            # MSAL Go refuses an empty user-assigned ID when the credential is built: no request
+            # is ever sent, so no broker can help. Velero 1.17+ needs AZURE_CLIENT_ID.
+            assert not r["ok"], r
+            assert r["phase"] == "constructor", r
+            assert r["requests"] == 0, r
+            assert "empty" in r["error"].lower() and "UserAssignedClientID" in r["error"], r["error"]
+    elif case == "resource_id":
+        check_go_token(r, fake, "https://storage.azure.com")
+    elif case == "object_id":
+        if go_version_tuple(version) < (1, 8):
+            # azidentity v1.6.0 has no ObjectID option at all (added in v1.8.0).
+            assert not r["ok"] and r["phase"] == "constructor" and r["requests"] == 0, r
+            assert "no ObjectID option" in r["error"], r
+        else:
+            check_go_token(r, fake, "https://storage.azure.com")
+    else:
+        raise ValueError(case)
+
+
 # --- the results table -----------------------------------------------------------------------
 
 RESULTS = {}
-CASE_ORDER = ["token", "token_client_id", "expiry", "unknown_client_id", "refused_resource", "recovers_after_503"]
+CASE_ORDER = ["token", "token_client_id", "expiry", "unknown_client_id", "refused_resource", "recovers_after_503",
+              *GO_STEP, "dac_probe",  # Go only: test_clients.py / test_transparent.py
+              # Go only: test_go_faults.py
+              "throttle_429_ra10", "throttle_429_ra30", "throttle_429_ra120", "entra_down_60s"]
 
 
 def pytest_runtest_makereport(item, call):
@@ -397,6 +523,8 @@ def pytest_runtest_makereport(item, call):
         outcome = "pass"
     elif call.excinfo.errisinstance(pytest.skip.Exception):
         outcome = "skip"
+    elif item.get_closest_marker("xfail") is not None:
+        outcome = "FAIL (xfail)"
     else:
         outcome = "FAIL"
     RESULTS.setdefault(key, {})[case] = outcome

@@ -1,7 +1,11 @@
 """Real Azure SDK clients against the broker (with the fake Entra behind it), for both
 protocols: App Service (IDENTITY_ENDPOINT + IDENTITY_HEADER) and IMDS (at
-AZURE_POD_IDENTITY_AUTHORITY_HOST; the Rust SDK has no IMDS override, so its IMDS path is
-covered in test_transparent.py).
+AZURE_POD_IDENTITY_AUTHORITY_HOST; the Rust SDK and Go azidentity have no IMDS override, so
+their IMDS path is covered in test_transparent.py).
+
+Go azidentity (the versions Velero 1.15-1.18 pin) also gets Velero's own cases: both scopes
+Velero asks for with Velero's `ClientID(creds["AZURE_CLIENT_ID"])`, `ClientID("")` (the
+credentials file without AZURE_CLIENT_ID), a ResourceID and an ObjectID selector.
 
 Each client must: obtain a token, with and without a client_id; report the broker's expiry
 (within seconds); fail clearly and quickly for an unknown client_id and for a resource the
@@ -18,6 +22,9 @@ import pytest
 from conftest import (
     ARM,
     CLIENTS,
+    GO_STEP,
+    GO_VERSIONS,
+    check_go_velero_case,
     REFUSED,
     STORAGE,
     TOKEN_LIFETIME,
@@ -26,6 +33,7 @@ from conftest import (
     broker_args,
     client_env,
     finish_client,
+    go_extra_steps,
     run_client,
     start_client,
     wait_for,
@@ -34,13 +42,14 @@ from conftest import (
 PROTOCOLS = ("appservice", "imds")
 # Clients whose own retry policy retries a 503 (so one get_token call must succeed). Plain MSAL
 # Python has none: the application calls again, as a long-running program does.
-SDK_RETRIES_503 = {("python", "mic"), ("python", "dac"), ("node", "mic"), ("node", "dac"), ("rust", "mic")}
+SDK_RETRIES_503 = {("python", "mic"), ("python", "dac"), ("node", "mic"), ("node", "dac"), ("rust", "mic"),
+                   *(("go", v) for v in GO_VERSIONS)}
 
 
 def combos():
     for (lang, kind) in CLIENTS:
         for protocol in PROTOCOLS:
-            if lang == "rust" and protocol == "imds":
+            if lang in ("rust", "go") and protocol == "imds":
                 continue  # hard-coded 169.254.169.254: see test_transparent.py
             yield lang, kind, protocol
 
@@ -74,6 +83,8 @@ def shared(fake_entra, tmp_path_factory):
                 {"resource": STORAGE, "client_id": UNKNOWN_CLIENT_ID},
                 {"resource": REFUSED},
             ]
+            if lang == "go":
+                steps += go_extra_steps(fake_entra["client_id"])
             results = run_client(lang, kind, steps, client_env(protocol, broker.base, home))
             runs[key] = {"results": results, "started": runs["broker_started"], "finished": time.time()}
         return runs[key]
@@ -132,6 +143,9 @@ def test_unknown_client_id(shared, lang, kind, protocol):
     else:
         assert "Identity not found" in r["error"], r["error"]
         assert UNKNOWN_CLIENT_ID in r["error"], r["error"]
+    if lang == "go":
+        assert r["error_type"] == "AuthenticationFailedError" and r["status"] == 400, r
+        assert r["requests"] == 1, f"a 400 must not be retried: {r}"
     # Not retried: a configuration error must not take a client's whole retry budget.
     assert r["elapsed_ms"] < 5000, r
 
@@ -142,6 +156,9 @@ def test_refused_resource(shared, lang, kind, protocol):
     r = run(lang, kind, protocol)["results"][3]
     assert not r["ok"], "a token for a resource outside --allow-resource"
     assert "not allowed by this broker's policy" in r["error"], r["error"]
+    if lang == "go":
+        # Not "unavailable": in a credential chain Go would otherwise move on silently.
+        assert r["error_type"] == "AuthenticationFailedError" and r["status"] == 403, r
     assert r["elapsed_ms"] < 5000, r
 
 
@@ -179,3 +196,48 @@ def test_recovers_after_503(fake_entra, token_file, start_broker, tmp_path, lang
         assert r["elapsed_ms"] < 3000, r
     # Retry-After is 1 s: recovery must not take a client's long backoff.
     assert r["elapsed_ms"] < 20000, r
+
+
+# --- Go azidentity: what Velero itself does ------------------------------------------------
+
+def go_params(case, protocols=("appservice",)):
+    return [
+        pytest.param(version, protocol, id=f"go-{version}-{protocol}",
+                     marks=pytest.mark.matrix(CLIENTS[("go", version)], protocol, case))
+        for version in GO_VERSIONS for protocol in protocols
+    ]
+
+
+@pytest.mark.parametrize("version,protocol", go_params("velero_storage_scope"))
+def test_go_velero_storage_scope(shared, fake_entra, version, protocol):
+    _, run = shared
+    check_go_velero_case("velero_storage_scope", version,
+                         run("go", version, protocol)["results"][GO_STEP["velero_storage_scope"]], fake_entra)
+
+
+@pytest.mark.parametrize("version,protocol", go_params("velero_arm_scope"))
+def test_go_velero_arm_scope(shared, fake_entra, version, protocol):
+    _, run = shared
+    check_go_velero_case("velero_arm_scope", version,
+                         run("go", version, protocol)["results"][GO_STEP["velero_arm_scope"]], fake_entra)
+
+
+@pytest.mark.parametrize("version,protocol", go_params("client_id_empty"))
+def test_go_client_id_empty(shared, fake_entra, version, protocol):
+    _, run = shared
+    check_go_velero_case("client_id_empty", version,
+                         run("go", version, protocol)["results"][GO_STEP["client_id_empty"]], fake_entra)
+
+
+@pytest.mark.parametrize("version,protocol", go_params("resource_id"))
+def test_go_resource_id(shared, fake_entra, version, protocol):
+    _, run = shared
+    check_go_velero_case("resource_id", version,
+                         run("go", version, protocol)["results"][GO_STEP["resource_id"]], fake_entra)
+
+
+@pytest.mark.parametrize("version,protocol", go_params("object_id"))
+def test_go_object_id(shared, fake_entra, version, protocol):
+    _, run = shared
+    check_go_velero_case("object_id", version,
+                         run("go", version, protocol)["results"][GO_STEP["object_id"]], fake_entra)

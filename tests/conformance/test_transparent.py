@@ -6,9 +6,10 @@
 2. With the namespace's `net.ipv4.ip_unprivileged_port_start=80` (the pod's safe sysctl), the
    broker runs as a non-root user with NO capabilities and listens on 169.254.169.254:80 and
    127.0.0.1:8400. The fake Entra runs inside the namespace too (its 127.0.0.1 is not ours).
-3. Python, Node and Rust SDK clients run inside the namespace with NO override env at all
-   (no IDENTITY_ENDPOINT, no AZURE_POD_IDENTITY_AUTHORITY_HOST): they call the hard-coded
-   http://169.254.169.254 and get tokens with the right expiry.
+3. Python, Node, Rust and Go (azidentity v1.6.0-v1.13.1, as Velero 1.15-1.18 pin it) SDK
+   clients run inside the namespace with NO override env at all (no IDENTITY_ENDPOINT, no
+   AZURE_POD_IDENTITY_AUTHORITY_HOST): they call the hard-coded http://169.254.169.254 and get
+   tokens with the right expiry; Go also with Velero's scopes and ID options.
 4. Instance metadata is not leaked: every other /metadata/... path gets a JSON 404.
 5. Without init-network (a namespace with loopback up and the broker on 127.0.0.1:8400, i.e.
    the plain sidecar), the same client does not reach the broker, and the broker cannot bind
@@ -28,6 +29,12 @@ import pytest
 
 from conftest import (
     ARM,
+    ARM_CLASSIC,
+    GO_STEP,
+    GO_VERSIONS,
+    VELERO_STORAGE_SCOPE,
+    IDENTITY_OBJECT_ID,
+    IDENTITY_RESOURCE_ID,
     BROKER_BIN,
     CLIENTS,
     IP_BIN,
@@ -38,6 +45,8 @@ from conftest import (
     Broker,
     client_env,
     finish_client,
+    check_go_velero_case,
+    go_extra_steps,
     run_client,
     start_client,
     start_fake_entra,
@@ -154,7 +163,7 @@ class Pod:
     """netns + init-network (non-root, NET_ADMIN only) + the pod sysctl + fake Entra + the
     broker as nobody with no capabilities on 169.254.169.254:80 and 127.0.0.1:8400."""
 
-    def __init__(self, allow_resources=(STORAGE, ARM)):
+    def __init__(self, allow_resources=(STORAGE, ARM, ARM_CLASSIC), extra_args=()):
         self.ns = Netns()
         self.broker = None
         self.shared = tempfile.mkdtemp(prefix="ibconf-pod-")
@@ -181,6 +190,9 @@ class Pod:
                 "--authority-host", self.fake["authority"],
                 "--ca-file", ca,
                 "--token-file", self.token,
+                "--resource-id", IDENTITY_RESOURCE_ID,
+                "--object-id", IDENTITY_OBJECT_ID,
+                *extra_args,
             ]
             if allow_resources:
                 args += ["--allow-resource", ",".join(allow_resources)]
@@ -239,6 +251,8 @@ def transparent_runs(pod):
                 {"resource": STORAGE, "client_id": UNKNOWN_CLIENT_ID},
                 {"resource": REFUSED},
             ]
+            if lang == "go":
+                steps += go_extra_steps(fake["client_id"])
             cache[(lang, kind)] = run_client(lang, kind, steps, env, prefix=ns.prefix)
         return cache[(lang, kind)]
 
@@ -282,6 +296,9 @@ def test_transparent_unknown_client_id(transparent_runs, lang, kind):
         assert r["status"] == 400 and "has not been assigned" in r["error"], r
     else:
         assert "Identity not found" in r["error"] and UNKNOWN_CLIENT_ID in r["error"], r["error"]
+    if lang == "go":
+        assert r["error_type"] == "AuthenticationFailedError" and r["status"] == 400, r
+        assert r["requests"] == 1, f"a 400 must not be retried: {r}"
     assert r["elapsed_ms"] < 5000, r
 
 
@@ -290,6 +307,9 @@ def test_transparent_refused_resource(transparent_runs, lang, kind):
     r = transparent_runs(lang, kind)[3]
     assert not r["ok"], "a token for a resource outside --allow-resource"
     assert "not allowed by this broker's policy" in r["error"], r["error"]
+    if lang == "go":
+        # Not "unavailable": in a credential chain Go would otherwise move on silently.
+        assert r["error_type"] == "AuthenticationFailedError" and r["status"] == 403, r
     assert r["elapsed_ms"] < 5000, r
 
 
@@ -303,7 +323,8 @@ def pod503(require_netns):
 
 
 # Clients whose own retry policy retries a 503; plain MSAL Python relies on the application.
-SDK_RETRIES_503 = {("python", "mic"), ("python", "dac"), ("node", "mic"), ("node", "dac"), ("rust", "mic")}
+SDK_RETRIES_503 = {("python", "mic"), ("python", "dac"), ("node", "mic"), ("node", "dac"), ("rust", "mic"),
+                   *(("go", v) for v in GO_VERSIONS)}
 
 
 @pytest.mark.parametrize("lang,kind", transparent_params("recovers_after_503"))
@@ -328,6 +349,50 @@ def test_transparent_recovers_after_503(pod503, tmp_path, lang, kind):
     if (lang, kind) in SDK_RETRIES_503:
         assert r["attempts"] == 1, f"the SDK did not retry the 503 itself: {r}"
     assert r["elapsed_ms"] < 20000, r
+
+
+@pytest.mark.parametrize("version,case", [
+    pytest.param(version, case, id=f"go-{version}-{case}",
+                 marks=pytest.mark.matrix(CLIENTS[("go", version)], PROTOCOL, case))
+    for version in GO_VERSIONS for case in GO_STEP
+])
+def test_transparent_go_velero_cases(pod, transparent_runs, version, case):
+    """Velero's scopes, ClientID(""), ResourceID and ObjectID over transparent IMDS (the same
+    checks as test_clients.py's App Service ones)."""
+    _, _, fake, _ = pod
+    check_go_velero_case(case, version, transparent_runs("go", version)[GO_STEP[case]], fake)
+
+
+@pytest.mark.parametrize("version", [
+    pytest.param(version, id=f"go-{version}",
+                 marks=pytest.mark.matrix(CLIENTS[("go", version)], PROTOCOL, "dac_probe"))
+    for version in GO_VERSIONS
+])
+def test_transparent_go_default_credential_probe(pod, tmp_path, version):
+    """Go's DefaultAzureCredential first probes IMDS (GET, no Metadata header, 1 s, no retry)
+    and uses managed identity only if something answered. The broker's JSON 400 counts as an
+    answer: the token follows. A refused resource then ends the chain with the broker's
+    message (AuthenticationFailedError), instead of moving on to the developer credentials
+    (except on v1.8.1, see below)."""
+    ns, broker, _, _ = pod
+    probes_before = broker.requests_served(400, "imds")
+    steps = [{"resource": STORAGE, "scope": VELERO_STORAGE_SCOPE}, {"resource": REFUSED}]
+    r = run_client("go", version, steps, client_env("transparent", None, tmp_path), prefix=ns.prefix,
+                   go_kind="dac")
+    token, refused = r
+    assert token["ok"], token.get("error")
+    # The probe, then the token request (each step is a new credential: it probes again).
+    assert token["requests"] == 2, token
+    assert broker.requests_served(400, "imds") == probes_before + 2, "one probe per DefaultAzureCredential"
+    assert not refused["ok"]
+    if version == "v1.8.1":
+        # v1.8.1 alone turns every non-2xx IMDS answer in a chain (but a 400 for a user-assigned
+        # ID) into "unavailable" and moves on (to the CLI credentials, absent here). The
+        # broker's message still ends up in the chain's error text.
+        assert refused["error_type"] == "credentialUnavailableError", refused
+    else:
+        assert refused["error_type"] == "AuthenticationFailedError", refused
+    assert "not allowed by this broker's policy" in refused["error"], refused["error"]
 
 
 @pytest.mark.parametrize(
