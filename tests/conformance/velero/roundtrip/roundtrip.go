@@ -31,7 +31,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/kopia/kopia/snapshot/snapshotfs"
+	"github.com/kopia/kopia/repo"
 	"github.com/sirupsen/logrus"
 	"github.com/vmware-tanzu/velero/pkg/repository/udmrepo"
 	"github.com/vmware-tanzu/velero/pkg/uploader"
@@ -52,6 +52,9 @@ type Hooks struct {
 	// NewProgress builds the uploader's progress reporter (a struct literal before 1.17,
 	// kopia.NewProgress after).
 	NewProgress func(updater uploader.ProgressUpdater, interval time.Duration, log logrus.FieldLogger) *kopia.Progress
+	// NewUploader builds kopia's uploader as the data mover's RunBackup does (Progress set,
+	// FailFast on): snapshotfs.NewUploader before 1.17, upload.NewUploader after.
+	NewUploader func(w repo.RepositoryWriter, p *kopia.Progress) kopia.SnapshotUploader
 }
 
 // Velero's default repository password (pkg/repository/keys: the velero-repo-credentials
@@ -222,9 +225,7 @@ func run(res *result, hooks Hooks, account, uri, container, prefix, caFile, clie
 		}
 		defer repo.Close(ctx)
 		writer := kopia.NewShimRepo(repo)
-		up := snapshotfs.NewUploader(writer)
-		up.Progress = hooks.NewProgress(nopUpdater{}, time.Second, log)
-		up.FailFast = true
+		up := hooks.NewUploader(writer, hooks.NewProgress(nopUpdater{}, time.Second, log))
 		tags := map[string]string{
 			uploader.SnapshotRequesterTag: "snapshot-data-upload",
 			uploader.SnapshotUploaderTag:  uploader.KopiaType,
@@ -287,14 +288,14 @@ func run(res *result, hooks Hooks, account, uri, container, prefix, caFile, clie
 func makeTree(root string) (int, int64, error) {
 	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
 	files := map[string]int{
-		"README.txt":               0,
-		"empty":                    0,
-		"etc/app.conf":             0,
-		"data/small.bin":           1000,
-		"data/one-mib.bin":         1 << 20,
+		"README.txt":                0,
+		"empty":                     0,
+		"etc/app.conf":              0,
+		"data/small.bin":            1000,
+		"data/one-mib.bin":          1 << 20,
 		"data/nested/deep/3mib.bin": 3 << 20,
-		"data/nested/deep/odd.bin": 65537,
-		"logs/2026/01/app.log":     0,
+		"data/nested/deep/odd.bin":  65537,
+		"logs/2026/01/app.log":      0,
 	}
 	texts := map[string]string{
 		"README.txt":           "written by the imds-broker Velero storage test\n",

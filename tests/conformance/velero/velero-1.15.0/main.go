@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/kopia/kopia/repo"
+	"github.com/kopia/kopia/snapshot/snapshotfs"
 	"github.com/sirupsen/logrus"
 	"github.com/vmware-tanzu/velero/pkg/repository/udmrepo"
 	"github.com/vmware-tanzu/velero/pkg/repository/udmrepo/kopialib"
@@ -34,7 +35,13 @@ func main() {
 		},
 		// unifiedRepoProvider.ConnectToRepo (a data-mover pod's BoostRepoConnect).
 		Connect: func(ctx context.Context, opt udmrepo.RepoOptions) error { return svc.Init(ctx, opt, false) },
-		Open:    svc.Open,
+		NewUploader: func(w repo.RepositoryWriter, p *kopia.Progress) kopia.SnapshotUploader {
+			u := snapshotfs.NewUploader(w)
+			u.Progress = p
+			u.FailFast = true
+			return u
+		},
+		Open: svc.Open,
 		NewProgress: func(u uploader.ProgressUpdater, interval time.Duration, log logrus.FieldLogger) *kopia.Progress {
 			p := &kopia.Progress{Updater: u, Log: log}
 			p.InitThrottle(interval)

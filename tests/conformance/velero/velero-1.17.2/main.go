@@ -8,6 +8,7 @@ import (
 	"fmt"
 
 	"github.com/kopia/kopia/repo"
+	"github.com/kopia/kopia/snapshot/upload"
 	"github.com/sirupsen/logrus"
 	"github.com/vmware-tanzu/velero/pkg/repository/udmrepo"
 	"github.com/vmware-tanzu/velero/pkg/repository/udmrepo/kopialib"
@@ -31,7 +32,13 @@ func main() {
 			return svc.Init(ctx, opt, true)
 		},
 		// unifiedRepoProvider.ConnectToRepo (a data-mover pod's BoostRepoConnect).
-		Connect:     func(ctx context.Context, opt udmrepo.RepoOptions) error { return svc.Init(ctx, opt, false) },
+		Connect: func(ctx context.Context, opt udmrepo.RepoOptions) error { return svc.Init(ctx, opt, false) },
+		NewUploader: func(w repo.RepositoryWriter, p *kopia.Progress) kopia.SnapshotUploader {
+			u := upload.NewUploader(w)
+			u.Progress = p
+			u.FailFast = true
+			return u
+		},
 		Open:        svc.Open,
 		NewProgress: kopia.NewProgress,
 	})

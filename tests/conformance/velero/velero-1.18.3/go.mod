@@ -3,6 +3,7 @@ module imds-broker.test/velero-1.18.3
 go 1.26.0
 
 require (
+	github.com/kopia/kopia v0.16.0
 	github.com/sirupsen/logrus v1.9.4
 	github.com/vmware-tanzu/velero v1.18.3
 	imds-broker.test/velero-roundtrip v0.0.0
@@ -59,7 +60,6 @@ require (
 	github.com/klauspost/crc32 v1.3.0 // indirect
 	github.com/klauspost/pgzip v1.2.6 // indirect
 	github.com/klauspost/reedsolomon v1.12.6 // indirect
-	github.com/kopia/kopia v0.16.0 // indirect
 	github.com/kr/pretty v0.3.1 // indirect
 	github.com/kr/text v0.2.0 // indirect
 	github.com/kylelemons/godebug v1.1.0 // indirect

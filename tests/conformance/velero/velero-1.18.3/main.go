@@ -6,6 +6,8 @@ import (
 	"context"
 	"errors"
 
+	"github.com/kopia/kopia/repo"
+	"github.com/kopia/kopia/snapshot/upload"
 	"github.com/sirupsen/logrus"
 	"github.com/vmware-tanzu/velero/pkg/repository/udmrepo"
 	"github.com/vmware-tanzu/velero/pkg/repository/udmrepo/kopialib"
@@ -29,7 +31,13 @@ func main() {
 			return svc.Create(ctx, opt)
 		},
 		// unifiedRepoProvider.ConnectToRepo (a data-mover pod's BoostRepoConnect).
-		Connect:     svc.Connect,
+		Connect: svc.Connect,
+		NewUploader: func(w repo.RepositoryWriter, p *kopia.Progress) kopia.SnapshotUploader {
+			u := upload.NewUploader(w)
+			u.Progress = p
+			u.FailFast = true
+			return u
+		},
 		Open:        svc.Open,
 		NewProgress: kopia.NewProgress,
 	})
