@@ -261,6 +261,18 @@ class EmulatedBroker:
         """What the webhook injects into a pod: the App Service managed-identity endpoint."""
         return {"IDENTITY_ENDPOINT": f"{self.base}/msi/token", "IDENTITY_HEADER": self.identity_header}
 
+    def token(self, resource="https://storage.azure.com"):
+        """A token straight from the App Service endpoint, asked for as azidentity asks."""
+        import urllib.parse
+        import urllib.request
+
+        q = urllib.parse.urlencode({"api-version": "2019-08-01", "resource": resource})
+        req = urllib.request.Request(f"{self.base}/msi/token?{q}", headers={"X-IDENTITY-HEADER": self.identity_header})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=10) as r:
+            assert r.status == 200
+            return json.loads(r.read())["access_token"]
+
     def metrics(self):
         import urllib.request
 

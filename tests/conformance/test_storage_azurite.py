@@ -61,19 +61,6 @@ def broker():
     b.stop()
 
 
-def broker_token(broker, resource="https://storage.azure.com"):
-    """A token straight from the broker's App Service endpoint (as azidentity asks for it)."""
-    import urllib.parse
-    import urllib.request
-
-    q = urllib.parse.urlencode({"api-version": "2019-08-01", "resource": resource})
-    req = urllib.request.Request(f"{broker.base}/msi/token?{q}", headers={"X-IDENTITY-HEADER": broker.identity_header})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(req, timeout=10) as r:
-        assert r.status == 200
-        return json.loads(r.read())["access_token"]
-
-
 def sdk_env(broker, home, extra=None):
     """A pod's environment: the broker's App Service endpoint and nothing Azure-ish else."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
@@ -83,7 +70,7 @@ def sdk_env(broker, home, extra=None):
 
 
 def test_emulator_mints_v1_tokens_that_azurite_accepts(broker, azurite):
-    token = broker_token(broker)
+    token = broker.token()
     c = jwt_claims(token)
     assert c["iss"] == f"https://sts.windows.net/{EMULATOR_TENANT_ID}/"
     assert c["ver"] == "1.0"
@@ -98,7 +85,7 @@ def test_emulator_mints_v1_tokens_that_azurite_accepts(broker, azurite):
     status, code, body = azurite.request("GET", "/raw-v1-token?restype=container&comp=list", token=token)
     assert status == 200, (status, code, body)
     # The account-scoped audience form Storage also accepts.
-    account_token = broker_token(broker, f"https://{ACCOUNT}.blob.core.windows.net/")
+    account_token = broker.token(f"https://{ACCOUNT}.blob.core.windows.net/")
     status, code, body = azurite.request("GET", "/raw-v1-token?restype=container&comp=list", token=account_token)
     assert status == 200, (status, code, body)
 
@@ -126,7 +113,7 @@ def test_azurite_refuses_requests_without_a_valid_token(case, azurite, broker):
     assert (status, code) == (403, want_code), (status, code, body[:500])
     assert want_text in body, body[:500]
     # Nothing was created: with a valid token from the broker the container does not exist.
-    status, code, body = azurite.request("GET", f"/{name}?restype=container", token=broker_token(broker))
+    status, code, body = azurite.request("GET", f"/{name}?restype=container", token=broker.token())
     assert (status, code) == (404, "ContainerNotFound"), (status, code, body[:500])
 
 
@@ -153,6 +140,6 @@ def test_sdk_writes_and_reads_8_mib_with_the_brokers_token(sdk, azurite, broker,
     # The SDK's credential went to the broker (App Service endpoint) and got a token there.
     assert broker.token_requests() > before, broker.log_text()[-2000:]
     # Azurite holds the blob: read it back without the SDK, with a fresh broker token.
-    status, code, body = azurite.request("GET", f"/{container}?restype=container&comp=list", token=broker_token(broker))
+    status, code, body = azurite.request("GET", f"/{container}?restype=container&comp=list", token=broker.token())
     assert status == 200 and "<Name>payload.bin</Name>" in body and f"<Content-Length>{EIGHT_MIB}</Content-Length>" in body, body[:1000]
     print(f"{sdk}: 8 MiB up+down in {elapsed:.1f}s")

@@ -63,17 +63,16 @@ def test_every_velero_module_is_selected_or_deliberately_skipped():
     assert not unknown, f"VELERO_VERSIONS names versions without a module: {sorted(unknown)}"
 
 
-@pytest.mark.parametrize("version", SELECTED)
-def test_velero_kopia_repository_round_trip(version, azurite, broker, pki, tmp_path):
+def run_roundtrip(version, azurite, broker, pki, tmp_path, identity_header=None):
+    """Creates the BSL container, runs the version's program; returns (result dict, Popen
+    result, elapsed s, container)."""
     binary = TARGET / "velero-kopia" / version / "velero-roundtrip"
     if not binary.exists():
         pytest.fail(f"{binary} is missing: run scripts/test-storage.sh (it builds it)")
-    container = f"velero-{version.replace('.', '-')}-{int(time.time()) % 100000}"
+    container = f"velero-{version.replace('.', '-')}-{time.time_ns() % 10**9}"
     # The container exists before the repository is prepared (the kopia fork lists blobs first);
     # created with a token from the broker, as an operator's tooling would with the identity.
-    from test_storage_azurite import broker_token
-
-    status, code, body = azurite.request("PUT", f"/{container}?restype=container", token=broker_token(broker))
+    status, code, body = azurite.request("PUT", f"/{container}?restype=container", token=broker.token())
     assert status == 201, (status, code, body)
 
     work = tmp_path / "work"
@@ -87,7 +86,8 @@ def test_velero_kopia_repository_round_trip(version, azurite, broker, pki, tmp_p
         "XDG_CONFIG_HOME": str(tmp_path / "config"),
     }
     env.update(broker.app_service_env())
-    before = broker.token_requests()
+    if identity_header is not None:
+        env["IDENTITY_HEADER"] = identity_header
     argv = [
         str(binary),
         "-account", "devstoreaccount1",
@@ -102,7 +102,13 @@ def test_velero_kopia_repository_round_trip(version, azurite, broker, pki, tmp_p
     elapsed = time.monotonic() - started
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     assert lines, f"no result line; rc={p.returncode}\nstderr:\n{p.stderr[-6000:]}"
-    r = json.loads(lines[-1])
+    return json.loads(lines[-1]), p, elapsed, container
+
+
+@pytest.mark.parametrize("version", SELECTED)
+def test_velero_kopia_repository_round_trip(version, azurite, broker, pki, tmp_path):
+    before = broker.token_requests()
+    r, p, elapsed, container = run_roundtrip(version, azurite, broker, pki, tmp_path)
     assert r["ok"] and p.returncode == 0, f"{r}\nstderr:\n{p.stderr[-6000:]}"
     assert r["velero"] == f"v{version}"
     steps = [s["name"] for s in r["steps"]]
@@ -111,12 +117,26 @@ def test_velero_kopia_repository_round_trip(version, azurite, broker, pki, tmp_p
     assert r["files"] >= 8 and r["bytes"] > 4 * 1024 * 1024, r
     # Every Storage call was authorised by a bearer token from the broker.
     assert broker.token_requests() > before
-    # The repository is in the BSL container under Velero's prefix: kopia's format blob and
-    # Velero's udmrepo metadata are there, plus pack blobs holding the data.
+    # The repository is in the BSL container under Velero's prefix: kopia's format blob is
+    # there, plus pack and index blobs holding the data.
     status, code, listing = azurite.request(
-        "GET", f"/{container}?restype=container&comp=list&prefix={r['repo_prefix']}", token=broker_token(broker)
+        "GET", f"/{container}?restype=container&comp=list&prefix={r['repo_prefix']}", token=broker.token()
     )
     assert status == 200, (status, code, listing[:500])
     assert f"<Name>{r['repo_prefix']}kopia.repository</Name>" in listing, listing[:2000]
     assert listing.count("<Name>") >= 4, listing[:2000]
     print(f"velero {version}: round trip in {elapsed:.1f}s; steps (ms): {r['durations_ms']}")
+
+
+@pytest.mark.parametrize("version", SELECTED)
+def test_velero_without_the_brokers_credential_writes_nothing(version, azurite, broker, pki, tmp_path):
+    """The broker is the only credential: with a wrong IDENTITY_HEADER the broker refuses (401),
+    azidentity fails at once with the broker's error text, and nothing lands in the container."""
+    r, p, elapsed, container = run_roundtrip(version, azurite, broker, pki, tmp_path, identity_header="not-the-header")
+    assert not r["ok"] and p.returncode == 1, r
+    assert [s["name"] for s in r["steps"]] == ["tree", "prepare"], r["steps"]
+    assert "ManagedIdentityCredential" in r["error"], r["error"]
+    assert "X-IDENTITY-HEADER does not match" in r["error"], r["error"]
+    assert elapsed < 30, f"took {elapsed:.1f}s"
+    status, code, listing = azurite.request("GET", f"/{container}?restype=container&comp=list", token=broker.token())
+    assert status == 200 and "<Blobs />" in listing.replace("<Blobs/>", "<Blobs />"), listing[:1000]
