@@ -30,7 +30,14 @@ echo "--- Python SDKs (.venv)"
 
 echo "--- Azurite and the Node Storage SDK (npm ci)"
 command -v node >/dev/null || { echo "node (>= 20) is required"; exit 1; }
-(cd tests/conformance/storage-node && npm ci --no-audit --no-fund --loglevel=error)
+NODE_DIR=tests/conformance/storage-node
+# npm ci wipes and reinstalls (~50 s): skipped when node_modules was installed from this very lock
+# (npm records the installed tree in node_modules/.package-lock.json, newer than the lock file).
+if [[ -x $NODE_DIR/node_modules/.bin/azurite-blob && $NODE_DIR/node_modules/.package-lock.json -nt $NODE_DIR/package-lock.json ]]; then
+  echo "already installed from package-lock.json"
+else
+  (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 # Every Velero version that has a module here, unless VELERO_VERSIONS narrows it.
 if [[ -z "${VELERO_VERSIONS:-}" ]]; then
