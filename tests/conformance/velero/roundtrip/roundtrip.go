@@ -62,17 +62,15 @@ type Hooks struct {
 const repoPassword = "static-passw0rd"
 
 type result struct {
-	OK            bool               `json:"ok"`
-	Velero        string             `json:"velero"`
-	Error         string             `json:"error,omitempty"`
-	Steps         []step             `json:"steps"`
-	SnapshotID    string             `json:"snapshot_id,omitempty"`
-	Files         int                `json:"files"`
-	Bytes         int64              `json:"bytes"`
-	Blobs         []string           `json:"-"`
-	DurationsMs   map[string]float64 `json:"durations_ms"`
-	RepoPrefix    string             `json:"repo_prefix"`
-	ConnectStatus string             `json:"connect_before_create,omitempty"`
+	OK          bool               `json:"ok"`
+	Velero      string             `json:"velero"`
+	Error       string             `json:"error,omitempty"`
+	Steps       []step             `json:"steps"`
+	SnapshotID  string             `json:"snapshot_id,omitempty"`
+	Files       int                `json:"files"`
+	Bytes       int64              `json:"bytes"`
+	DurationsMs map[string]float64 `json:"durations_ms"`
+	RepoPrefix  string             `json:"repo_prefix"`
 }
 
 type step struct {
