@@ -269,6 +269,9 @@ class ControlPlane:
             self.bin("kube-apiserver"),
             "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            # A loopback advertise address is refused by the endpoint reconciler of the
+            # `kubernetes` Service; nothing here reaches the API server through that Service.
+            "--endpoint-reconciler-type", "none",
             "--secure-port", str(self.api_port),
             "--cert-dir", os.path.join(self.dir, "apiserver-certs"),
             "--tls-cert-file", f"{p}/apiserver.crt", "--tls-private-key-file", f"{p}/apiserver.key",
