@@ -4,8 +4,10 @@ maintenance Job (whose pod the real Job controller creates). Then the identity c
 API server's own service-account issuer: TokenRequest → fake Entra verifying with the API
 server's JWKS → the broker, run as the injected sidecar spec says → a token served."""
 
+import base64
 import json
 import os
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -15,7 +17,7 @@ from checks import assert_injected, assert_untouched, env_of, wait_pod
 from conftest import VELERO_NS, VELERO_SA, velero_bins
 from harness import Proc, free_port, jwt_claims, pods_path, wait_for
 
-VERSIONS = [v for v, _ in velero_bins()] if os.environ.get("VELERO_BINS") else []
+VERSIONS = [v for v, _ in velero_bins()]
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -190,3 +192,54 @@ def test_identity_chain_refuses_another_service_account(velero, restore_pod, clu
         assert "AADSTS70021" in json.dumps(body), body
     finally:
         proc.stop()
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_identity_chain_refuses_a_key_the_issuer_does_not_publish(velero, restore_pod, cluster):
+    """The signature is checked against the API server's JWKS: an assertion with the right
+    issuer, subject and audience, but signed by a key the API server does not publish, is
+    refused (AADSTS700027)."""
+    real = jwt_claims(projected_token(cluster, restore_pod))
+    header = json.loads(base64.urlsafe_b64decode(
+        projected_token(cluster, restore_pod).split(".")[0] + "=="))
+    d = os.path.join(cluster.dir, f"foreign-{velero}")
+    os.makedirs(d, exist_ok=True)
+    subprocess.run(["openssl", "genrsa", "-out", "k.pem", "2048"], cwd=d, check=True,
+                   capture_output=True)
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(real).encode())}"
+    sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", "k.pem"], cwd=d, check=True,
+                         input=signing_input.encode(), capture_output=True).stdout
+    forged = f"{signing_input}.{b64url(sig)}"
+    token_file = cluster.cp.write_secret_file(f"forged-{velero}.token", forged)
+    proc, port = run_sidecar(cluster, restore_pod, token_file, f"sidecar-forged-{velero}")
+    try:
+        header_value = env_of(restore_pod["spec"]["containers"][0])["IDENTITY_HEADER"]
+        status, body = app_service_get(port, header_value)
+        assert status >= 400, body
+        assert "AADSTS700027" in json.dumps(body), body
+    finally:
+        proc.stop()
+
+
+def test_no_secret_in_any_log(velero, restore_pod, cluster):
+    """Tokens and the identity header never reach a log: every token file this run wrote and
+    every IDENTITY_HEADER the webhook handed out are searched for in every log."""
+    secrets = []
+    for name in os.listdir(cluster.dir):
+        if name.endswith(".token"):
+            with open(os.path.join(cluster.dir, name)) as f:
+                secrets.append(f.read().strip())
+    secrets.append(env_of(restore_pod["spec"]["containers"][0])["IDENTITY_HEADER"])
+    assert len(secrets) >= 3
+    logs = [n for n in os.listdir(cluster.dir) if n.endswith(".log")]
+    assert "imds-broker-webhook.log" in logs and any(n.startswith("sidecar-") for n in logs)
+    for name in logs:
+        if name.startswith(("kube-", "etcd")):
+            continue  # the control plane's own logs: not ours to judge
+        with open(os.path.join(cluster.dir, name), errors="replace") as f:
+            text = f.read()
+        for secret in secrets:
+            assert secret not in text, f"a secret appears in {name}"
