@@ -47,7 +47,8 @@ build_module() {
 }
 
 # The Kubernetes release is the one tests/cluster/k8s requires.
-K8S_VERSION="$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' tests/cluster/k8s/go.mod)"
+module_version() { (cd "$1" && go list -m -f '{{.Version}}' "$2"); }
+K8S_VERSION="$(module_version tests/cluster/k8s k8s.io/kubernetes)"
 K8S_MINOR="$(echo "$K8S_VERSION" | cut -d. -f2)"
 K8S_BIN="$OUT/kubernetes-$K8S_VERSION"
 build_module tests/cluster/k8s "$K8S_BIN" \
@@ -59,7 +60,7 @@ build_module tests/cluster/k8s "$K8S_BIN" \
 VELERO_BINS=""
 VELERO_VERSIONS=""
 for dir in tests/cluster/velero-v1.15 tests/cluster/velero-v1.18; do
-  version="$(awk '$1 == "require" && $2 == "github.com/vmware-tanzu/velero" {print $3}' "$dir/go.mod")"
+  version="$(module_version "$dir" github.com/vmware-tanzu/velero)"
   name="$(basename "$dir")"
   build_module "$dir" "$OUT/$name-$version" \
     "-X github.com/vmware-tanzu/velero/pkg/buildinfo.Version=$version" .

@@ -94,8 +94,16 @@ def test_maintenance_job_pod_from_the_job_controller_is_injected(velero, cluster
     pod = wait_pod(api, VELERO_NS, f"job-name={out['job']}")
     assert pod["metadata"]["ownerReferences"][0]["kind"] == "Job"
     assert pod["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
-    assert pod["metadata"]["labels"]["velero.io/repo-name"]
     assert pod["spec"]["containers"][0]["args"][0] == "repo-maintenance"
+    labels = pod["metadata"]["labels"]
+    if velero.startswith("v1.15."):
+        # Velero 1.15 replaces the Job template's labels with the Velero server pod's labels
+        # (repository/manager buildMaintenanceJob), so velero.io/repo-name is gone and the
+        # webhook is, as documented for velero#8974, not called for this pod.
+        assert "velero.io/repo-name" not in labels and labels.get("deploy") == "velero", labels
+        assert_untouched(pod)
+        return
+    assert labels["velero.io/repo-name"], labels
     assert_injected(pod, client_id=cluster.entra["client_id"])
 
 

@@ -33,6 +33,7 @@ import (
 	velerov1api "github.com/vmware-tanzu/velero/pkg/apis/velero/v1"
 	velerov2alpha1api "github.com/vmware-tanzu/velero/pkg/apis/velero/v2alpha1"
 	"github.com/vmware-tanzu/velero/pkg/cmd"
+	serverconfig "github.com/vmware-tanzu/velero/pkg/cmd/server/config"
 	"github.com/vmware-tanzu/velero/pkg/cmd/velero"
 	"github.com/vmware-tanzu/velero/pkg/exposer"
 	"github.com/vmware-tanzu/velero/pkg/repository"
@@ -180,7 +181,14 @@ func maintenanceJob(kubeconfig, repoName, volumeNS, bsl string) error {
 	}
 	log := logger()
 	mgr := repomanager.NewManager(veleroNamespace, crClient, repository.NewRepoLocker(),
-		repository.NewEnsurer(crClient, log, time.Minute), nil, nil, "", kube.PodResources{}, 3,
+		repository.NewEnsurer(crClient, log, time.Minute), nil, nil, "",
+		// The velero server's flag defaults (server/config).
+		kube.PodResources{
+			CPURequest:    serverconfig.DefaultMaintenanceJobCPURequest,
+			MemoryRequest: serverconfig.DefaultMaintenanceJobMemRequest,
+			CPULimit:      serverconfig.DefaultMaintenanceJobCPULimit,
+			MemoryLimit:   serverconfig.DefaultMaintenanceJobMemLimit,
+		}, 3,
 		log, logrus.InfoLevel, logging.NewFormatFlag())
 	// PruneRepo blocks until the Job completes, which never happens without a kubelet.
 	pruned := make(chan error, 1)
