@@ -21,6 +21,8 @@
 //!
 //! Usage: `cargo run --example fake_entra -- [--port N] [--calls-port N] [--delay-ms N]
 //!         [--token-lifetime-secs N] [--remint-secs N]`
+//!         `[--oidc-issuer URL [--oidc-issuer-ca PEM]] [--federated-subject SUB]` (a real OIDC
+//!         issuer, e.g. a kube-apiserver: assertions are verified with its published JWKS)
 
 // Only the support modules this needs, as top-level modules (they refer to each other through
 // `super::`): the rest of tests/support, e.g. the broker launcher, relies on test-only build
@@ -62,6 +64,17 @@ struct Args {
     /// How often the service-account token file is re-minted, in seconds.
     #[arg(long, default_value_t = 300)]
     remint_secs: u64,
+
+    // -- Federated credential with a real OIDC issuer (tests/cluster: a kube-apiserver) --
+    /// Trust this OIDC issuer (its discovery document and JWKS) instead of the built-in test key.
+    #[arg(long)]
+    oidc_issuer: Option<String>,
+    /// PEM CA bundle for the OIDC issuer's HTTPS endpoints.
+    #[arg(long, requires = "oidc_issuer")]
+    oidc_issuer_ca: Option<std::path::PathBuf>,
+    /// The federated credential's subject, e.g. system:serviceaccount:velero:velero-server.
+    #[arg(long)]
+    federated_subject: Option<String>,
 }
 
 #[tokio::main]
@@ -73,6 +86,19 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(FakeEntra::start_on_port(args.port).context("starting the fake Entra server")?);
     fake.set_response_delay(Duration::from_millis(args.delay_ms));
     fake.set_token_lifetime(Duration::from_secs(args.token_lifetime_secs));
+    if let Some(issuer) = args.oidc_issuer.clone() {
+        let ca_pem = match &args.oidc_issuer_ca {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            ),
+            None => None,
+        };
+        fake.set_federated_oidc_issuer(fake_entra::OidcIssuer { issuer, ca_pem });
+    }
+    if let Some(subject) = args.federated_subject.clone() {
+        fake.set_federated_subject(subject);
+    }
 
     let token_dir = tempfile::Builder::new()
         .prefix("fake-entra-token-")

@@ -160,7 +160,24 @@ struct Config {
     federated: FederatedCredential,
     token_lifetime: Duration,
     response_delay: Duration,
+    /// Set by `set_federated_oidc_issuer`: verify assertions with the issuer's published keys.
+    oidc_issuer: Option<OidcIssuer>,
 }
+
+/// A federated credential's issuer whose signing keys are published the OIDC way, as Entra
+/// reads them: `{issuer}/.well-known/openid-configuration` names `jwks_uri`, whose keys are
+/// matched to the assertion by `kid`. A Kubernetes API server serves both
+/// (`/openid/v1/jwks`). Fetched again for every token request, so key rotation is seen.
+#[derive(Clone, Debug)]
+pub struct OidcIssuer {
+    /// The issuer URL exactly as in the tokens' `iss` (also the federated record's issuer).
+    pub issuer: String,
+    /// PEM CA bundle trusted for the discovery and JWKS requests (a test issuer's own CA).
+    pub ca_pem: Option<String>,
+}
+
+/// Keys fetched from an `OidcIssuer` for the request being verified, or why fetching failed.
+type OidcKeys = Result<Vec<(Option<String>, DecodingKey)>, String>;
 
 #[derive(Default)]
 struct Faults {
@@ -187,6 +204,7 @@ struct Shared {
     stats_version: watch::Sender<u64>,
     token_seq: AtomicU64,
     decoding_key: DecodingKey,
+    oidc_keys: Mutex<Option<OidcKeys>>,
 }
 
 impl Shared {
@@ -255,12 +273,14 @@ impl FakeEntra {
                 },
                 token_lifetime: DEFAULT_TOKEN_LIFETIME,
                 response_delay: Duration::ZERO,
+                oidc_issuer: None,
             }),
             faults: Mutex::new(Faults::default()),
             stats: Mutex::new(Stats::default()),
             stats_version: watch::Sender::new(0),
             token_seq: AtomicU64::new(0),
             decoding_key: issuer.decoding_key(),
+            oidc_keys: Mutex::new(None),
         });
         let acceptor = TlsAcceptor::from(pki.server_config());
         runtime.spawn(accept_loop(listener, acceptor, Arc::clone(&shared)));
@@ -356,6 +376,16 @@ impl FakeEntra {
 
     pub fn set_federated_audience(&self, audience: impl Into<String>) {
         self.shared.config().federated.audience = audience.into();
+    }
+
+    /// Trusts a real OIDC issuer (e.g. a Kubernetes API server's service-account issuer)
+    /// instead of the built-in test key: the federated record's issuer becomes
+    /// `issuer.issuer`, and each assertion is verified against the keys its discovery
+    /// document's `jwks_uri` serves at that moment.
+    pub fn set_federated_oidc_issuer(&self, issuer: OidcIssuer) {
+        let mut c = self.shared.config();
+        c.federated.issuer = issuer.issuer.clone();
+        c.oidc_issuer = Some(issuer);
     }
 
     /// Lifetime of issued access tokens (`expires_in`). Whole seconds are used.
@@ -670,6 +700,10 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
     if !response_delay.is_zero() {
         tokio::time::sleep(response_delay).await;
     }
+    let oidc_issuer = shared.config().oidc_issuer.clone();
+    if let Some(oidc_issuer) = oidc_issuer {
+        *lock(&shared.oidc_keys) = Some(fetch_oidc_keys(&oidc_issuer).await);
+    }
     match fault {
         Some(Fault::Status(status)) => status_fault(status, None, &ctx),
         Some(Fault::StatusRetryAfter(status, secs)) => status_fault(status, Some(secs), &ctx),
@@ -801,7 +835,12 @@ fn validate_and_issue(
         ));
     }
 
-    verify_assertion(&shared.decoding_key, assertion, &federated)?;
+    let oidc_keys = lock(&shared.oidc_keys).clone();
+    let key = match oidc_keys {
+        None => shared.decoding_key.clone(),
+        Some(keys) => oidc_key_for(assertion, keys)?,
+    };
+    verify_assertion(&key, assertion, &federated)?;
 
     let seq = shared.token_seq.fetch_add(1, Ordering::Relaxed) + 1;
     let now = super::issuer::unix_now();
@@ -840,6 +879,97 @@ fn scope_resource(scope: &str) -> Option<&str> {
         return None;
     }
     only.strip_suffix("/.default").filter(|r| !r.is_empty())
+}
+
+/// Discovery document, then JWKS, of an OIDC issuer: every RSA key with its `kid`.
+async fn fetch_oidc_keys(oidc: &OidcIssuer) -> OidcKeys {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(5));
+    if let Some(pem) = &oidc.ca_pem {
+        let ca = reqwest::Certificate::from_pem(pem.as_bytes())
+            .map_err(|e| format!("issuer CA bundle: {e}"))?;
+        imds_broker::crypto::install_default();
+        builder = builder.tls_certs_only([ca]);
+    }
+    let client = builder.build().map_err(|e| format!("HTTP client: {e}"))?;
+    let get_json = |url: String| {
+        let client = client.clone();
+        async move {
+            let resp = client
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| format!("GET {url}: {e}"))?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(format!("GET {url}: HTTP {status}"));
+            }
+            resp.json::<Value>()
+                .await
+                .map_err(|e| format!("GET {url}: not JSON: {e}"))
+        }
+    };
+    let discovery_url = format!(
+        "{}/.well-known/openid-configuration",
+        oidc.issuer.trim_end_matches('/')
+    );
+    let discovery = get_json(discovery_url).await?;
+    if discovery.get("issuer").and_then(Value::as_str) != Some(oidc.issuer.as_str()) {
+        return Err(format!(
+            "discovery document names issuer {:?}, expected {:?}",
+            discovery.get("issuer"),
+            oidc.issuer
+        ));
+    }
+    let jwks_uri = discovery
+        .get("jwks_uri")
+        .and_then(Value::as_str)
+        .ok_or("discovery document has no jwks_uri")?
+        .to_string();
+    let jwks = get_json(jwks_uri).await?;
+    let mut keys = Vec::new();
+    for jwk in jwks
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or("JWKS has no keys array")?
+    {
+        let field = |name: &str| jwk.get(name).and_then(Value::as_str);
+        if field("kty") != Some("RSA") {
+            continue;
+        }
+        let (Some(n), Some(e)) = (field("n"), field("e")) else {
+            continue;
+        };
+        let key = DecodingKey::from_rsa_components(n, e).map_err(|e| format!("JWK: {e}"))?;
+        keys.push((field("kid").map(str::to_string), key));
+    }
+    Ok(keys)
+}
+
+/// The published key the assertion's `kid` names (the only key, if it names none).
+fn oidc_key_for(assertion: &str, keys: OidcKeys) -> Result<DecodingKey, AadError> {
+    let keys = keys.map_err(|e| {
+        AadError::new(
+            50166,
+            "invalid_client",
+            format!("Request to External OIDC endpoint failed: {e}"),
+        )
+    })?;
+    let (header, _) = decode_unverified(assertion).ok_or_else(AadError::malformed_jwt)?;
+    let kid = header.get("kid").and_then(Value::as_str);
+    let found = match kid {
+        Some(kid) => keys.into_iter().find(|(k, _)| k.as_deref() == Some(kid)),
+        None if keys.len() == 1 => keys.into_iter().next(),
+        None => None,
+    };
+    found.map(|(_, key)| key).ok_or_else(|| {
+        AadError::new(
+            700027,
+            "invalid_client",
+            format!(
+                "Client assertion failed signature validation. (No key with kid {kid:?} in the issuer's JWKS.)"
+            ),
+        )
+    })
 }
 
 /// Entra's checks on a federated client assertion, in its order: find the federated record

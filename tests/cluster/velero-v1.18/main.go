@@ -1,0 +1,216 @@
+// Velero v1.18 as the cluster tests use it: the real `velero` CLI (for `velero install
+// --dry-run`) and a driver that creates pods the way Velero does, by calling Velero's own code
+// against the test API server:
+//
+//	velero-v1.18 velero <args...>            Velero's CLI, unchanged
+//	velero-v1.18 expose-restore KUBECONFIG NAME TARGET_NS TARGET_PVC
+//	    creates a DataDownload NAME and runs the generic restore exposer's Expose for it
+//	    (the restore data-mover pod); prints {"pod": "<name>"}
+//	velero-v1.18 maintenance-job KUBECONFIG REPO VOLUME_NS BSL
+//	    creates a BackupRepository REPO and runs maintenance.StartNewJob (the repository
+//	    maintenance Job; the Job controller then creates its pod); prints {"job": "<name>"}
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	corev1api "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/tools/clientcmd"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	velerov1api "github.com/vmware-tanzu/velero/pkg/apis/velero/v1"
+	velerov2alpha1api "github.com/vmware-tanzu/velero/pkg/apis/velero/v2alpha1"
+	"github.com/vmware-tanzu/velero/pkg/cmd"
+	"github.com/vmware-tanzu/velero/pkg/cmd/velero"
+	"github.com/vmware-tanzu/velero/pkg/exposer"
+	"github.com/vmware-tanzu/velero/pkg/nodeagent"
+	"github.com/vmware-tanzu/velero/pkg/repository/maintenance"
+	"github.com/vmware-tanzu/velero/pkg/util"
+	"github.com/vmware-tanzu/velero/pkg/util/kube"
+	"github.com/vmware-tanzu/velero/pkg/util/logging"
+)
+
+const veleroNamespace = "velero"
+
+func main() {
+	if len(os.Args) < 2 {
+		fail(fmt.Errorf("usage: %s velero|expose-restore|maintenance-job ...", filepath.Base(os.Args[0])))
+	}
+	switch os.Args[1] {
+	case "velero":
+		// Exactly what cmd/velero's main does, with the subcommand's arguments.
+		os.Args = append([]string{"velero"}, os.Args[2:]...)
+		cmd.CheckError(velero.NewCommand("velero").Execute())
+	case "expose-restore":
+		need(6)
+		fail(exposeRestore(os.Args[2], os.Args[3], os.Args[4], os.Args[5]))
+	case "maintenance-job":
+		need(6)
+		fail(maintenanceJob(os.Args[2], os.Args[3], os.Args[4], os.Args[5]))
+	default:
+		fail(fmt.Errorf("unknown command %q", os.Args[1]))
+	}
+}
+
+func need(n int) {
+	if len(os.Args) != n {
+		fail(fmt.Errorf("%s: want %d arguments, got %d", os.Args[1], n-2, len(os.Args)-2))
+	}
+}
+
+func fail(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "error:", err)
+		os.Exit(1)
+	}
+}
+
+func clients(kubeconfig string) (kubernetes.Interface, client.Client, error) {
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return nil, nil, err
+	}
+	kubeClient, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	scheme := runtime.NewScheme()
+	for _, add := range []func(*runtime.Scheme) error{clientgoscheme.AddToScheme, velerov1api.AddToScheme, velerov2alpha1api.AddToScheme} {
+		if err := add(scheme); err != nil {
+			return nil, nil, err
+		}
+	}
+	crClient, err := client.New(cfg, client.Options{Scheme: scheme})
+	return kubeClient, crClient, err
+}
+
+func logger() logrus.FieldLogger {
+	l := logrus.New()
+	l.SetOutput(os.Stderr)
+	return l
+}
+
+func printJSON(v any) error {
+	return json.NewEncoder(os.Stdout).Encode(v)
+}
+
+// exposeRestore does what the DataDownload controller does when it accepts a DataDownload:
+// the labels, annotations and tolerations as setupExposeParam builds them (default node-agent
+// config: the third-party whitelist copied from the node-agent DaemonSet), then Expose.
+func exposeRestore(kubeconfig, name, targetNS, targetPVC string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	kubeClient, crClient, err := clients(kubeconfig)
+	if err != nil {
+		return err
+	}
+	log := logger()
+
+	dd := &velerov2alpha1api.DataDownload{
+		TypeMeta:   metav1.TypeMeta{APIVersion: velerov2alpha1api.SchemeGroupVersion.String(), Kind: "DataDownload"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: veleroNamespace, Name: name},
+		Spec: velerov2alpha1api.DataDownloadSpec{
+			TargetVolume:          velerov2alpha1api.TargetVolumeSpec{PVC: targetPVC, PV: "", Namespace: targetNS},
+			BackupStorageLocation: "default",
+			DataMover:             "velero",
+			SnapshotID:            "cluster-test-snapshot",
+			SourceNamespace:       targetNS,
+			OperationTimeout:      metav1.Duration{Duration: 10 * time.Minute},
+			NodeOS:                velerov2alpha1api.NodeOSLinux,
+		},
+	}
+	if err := crClient.Create(ctx, dd); err != nil {
+		return fmt.Errorf("create DataDownload: %w", err)
+	}
+	// The controller reads the stored object (it has the UID the pod's owner reference needs).
+	if err := crClient.Get(ctx, client.ObjectKeyFromObject(dd), dd); err != nil {
+		return err
+	}
+	dd.TypeMeta = metav1.TypeMeta{APIVersion: velerov2alpha1api.SchemeGroupVersion.String(), Kind: "DataDownload"}
+
+	nodeOS := kube.NodeOSLinux
+	labels := map[string]string{velerov1api.DataDownloadLabel: dd.Name}
+	for _, k := range util.ThirdPartyLabels {
+		if v, err := nodeagent.GetLabelValue(ctx, kubeClient, dd.Namespace, k, nodeOS); err == nil {
+			labels[k] = v
+		}
+	}
+	annotations := map[string]string{}
+	for _, k := range util.ThirdPartyAnnotations {
+		if v, err := nodeagent.GetAnnotationValue(ctx, kubeClient, dd.Namespace, k, nodeOS); err == nil {
+			annotations[k] = v
+		}
+	}
+	tolerations := []corev1api.Toleration{}
+	for _, k := range util.ThirdPartyTolerations {
+		if v, err := nodeagent.GetToleration(ctx, kubeClient, dd.Namespace, k, nodeOS); err == nil {
+			tolerations = append(tolerations, *v)
+		}
+	}
+	param := exposer.GenericRestoreExposeParam{
+		TargetPVCName:         dd.Spec.TargetVolume.PVC,
+		TargetNamespace:       dd.Spec.TargetVolume.Namespace,
+		HostingPodLabels:      labels,
+		HostingPodAnnotations: annotations,
+		HostingPodTolerations: tolerations,
+		OperationTimeout:      dd.Spec.OperationTimeout.Duration,
+		ExposeTimeout:         30 * time.Second,
+		NodeOS:                nodeOS,
+	}
+	owner := corev1api.ObjectReference{
+		Kind: dd.Kind, Namespace: dd.Namespace, Name: dd.Name, UID: dd.UID, APIVersion: dd.APIVersion,
+	}
+	if err := exposer.NewGenericRestoreExposer(kubeClient, log).Expose(ctx, owner, param); err != nil {
+		return fmt.Errorf("Expose: %w", err)
+	}
+	// The restore pod is named after its owner (generic_restore.go createRestorePod).
+	return printJSON(map[string]string{"pod": dd.Name})
+}
+
+// maintenanceJob does what the BackupRepository controller does when maintenance is due.
+func maintenanceJob(kubeconfig, repoName, volumeNS, bsl string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	_, crClient, err := clients(kubeconfig)
+	if err != nil {
+		return err
+	}
+	repo := &velerov1api.BackupRepository{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: veleroNamespace,
+			Name:      repoName,
+			Labels: map[string]string{
+				velerov1api.StorageLocationLabel: bsl,
+				velerov1api.VolumeNamespaceLabel: volumeNS,
+				velerov1api.RepositoryTypeLabel:  velerov1api.BackupRepositoryTypeKopia,
+			},
+		},
+		Spec: velerov1api.BackupRepositorySpec{
+			VolumeNamespace:       volumeNS,
+			BackupStorageLocation: bsl,
+			RepositoryType:        velerov1api.BackupRepositoryTypeKopia,
+			MaintenanceFrequency:  metav1.Duration{Duration: time.Hour},
+		},
+	}
+	if err := crClient.Create(ctx, repo); err != nil {
+		return fmt.Errorf("create BackupRepository: %w", err)
+	}
+	if err := crClient.Get(ctx, client.ObjectKeyFromObject(repo), repo); err != nil {
+		return err
+	}
+	job, err := maintenance.StartNewJob(crClient, ctx, repo, "", logrus.InfoLevel, logging.NewFormatFlag(), logger())
+	if err != nil {
+		return fmt.Errorf("StartNewJob: %w", err)
+	}
+	return printJSON(map[string]string{"job": job})
+}
