@@ -8,6 +8,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+# tests/validate_k8s.py: its schema and consistency checks are reused for the Helm chart.
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def cargo_version():
