@@ -47,14 +47,14 @@ fi
 TOOLS_SRC=tests/packaging/tools
 pin=$(cat "$TOOLS_SRC/go.mod" "$TOOLS_SRC/go.sum" | sha256sum | cut -c1-16)
 TOOLS="${CARGO_TARGET_DIR:-target}/packaging-tools/$pin"
-if [[ ! -x "$TOOLS/helm" || ! -x "$TOOLS/kustomize" ]]; then
-  echo "--- go build helm, kustomize ($TOOLS_SRC/go.mod) into $TOOLS"
+if [[ ! -x "$TOOLS/helm" || ! -x "$TOOLS/kustomize" || ! -x "$TOOLS/monitoringcheck" ]]; then
+  echo "--- go build helm, kustomize, monitoringcheck ($TOOLS_SRC/go.mod) into $TOOLS"
   start=$SECONDS
   mkdir -p "$TOOLS"
   # -mod=readonly: go.sum must already hold every checksum (no silent re-resolution).
   out=$(realpath "$TOOLS")
   (cd "$TOOLS_SRC" && CGO_ENABLED=0 nice -n 10 go build -mod=readonly -trimpath \
-     -o "$out/" helm.sh/helm/v3/cmd/helm sigs.k8s.io/kustomize/kustomize/v5)
+     -o "$out/" helm.sh/helm/v3/cmd/helm sigs.k8s.io/kustomize/kustomize/v5 ./monitoringcheck)
   echo "    built in $((SECONDS - start)) s"
 fi
 "$TOOLS/helm" version --short
@@ -77,5 +77,6 @@ IMDS_BROKER_PKG_HELM=$(realpath "$TOOLS/helm")
 IMDS_BROKER_PKG_KUSTOMIZE=$(realpath "$TOOLS/kustomize")
 IMDS_BROKER_PKG_BINARY=$(realpath "$BINARY")
 IMDS_BROKER_PKG_IMAGE_DIR=$(realpath "$IMAGE_DIR")
-export IMDS_BROKER_PKG_HELM IMDS_BROKER_PKG_KUSTOMIZE IMDS_BROKER_PKG_BINARY IMDS_BROKER_PKG_IMAGE_DIR
+IMDS_BROKER_PKG_MONITORINGCHECK=$(realpath "$TOOLS/monitoringcheck")
+export IMDS_BROKER_PKG_HELM IMDS_BROKER_PKG_KUSTOMIZE IMDS_BROKER_PKG_MONITORINGCHECK IMDS_BROKER_PKG_BINARY IMDS_BROKER_PKG_IMAGE_DIR
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/packaging "$@"
