@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -59,12 +60,22 @@ def rootfs(archive, tmp_path_factory):
     for layer in entry["Layers"]:
         subprocess.run(["tar", "-xpf", str(d / layer), "--numeric-owner", "-C", str(root)],
                        check=True)
+    # What every container runtime adds (runc's default devices); the image has no /dev. The
+    # broker needs /dev/random: getrandom's fallback in the static binary checks it (a chroot
+    # without it fails with "no system randomness: OS Error: 2").
+    dev = root / "dev"
+    dev.mkdir(exist_ok=True)
+    for name, minor in (("null", 3), ("zero", 5), ("full", 7), ("random", 8), ("urandom", 9)):
+        os.mknod(dev / name, 0o20666, os.makedev(1, minor))
+        os.chmod(dev / name, 0o666)
     return root
 
 
 def test_docker_archive_loads(archive):
     d, entry, config = archive
-    assert entry["RepoTags"] == [f"imds-broker:{VERSION}"]
+    # skopeo writes the fully qualified form of imds-broker:<version>, which docker load lists
+    # as imds-broker:<version>.
+    assert entry["RepoTags"] == [f"docker.io/library/imds-broker:{VERSION}"]
     assert sha256(d / entry["Config"]).endswith(entry["Config"].split("/")[-1].removesuffix(".json")), \
         "config blob named by its digest"
     diff_ids = config["rootfs"]["diff_ids"]
@@ -129,7 +140,8 @@ def test_root_filesystem_is_distroless_like(rootfs):
     home = (rootfs / "home" / "nonroot").stat()
     assert home.st_uid == UID
     # No shell, no package manager, no libc: the binary is all there is to run.
-    files = {str(p.relative_to(rootfs)) for p in rootfs.rglob("*") if p.is_file()}
+    files = {str(p.relative_to(rootfs)) for p in rootfs.rglob("*")
+             if p.is_file() and not str(p.relative_to(rootfs)).startswith("dev/")}
     assert files == {"imds-broker", "etc/passwd", "etc/group", "etc/nsswitch.conf",
                      "etc/ssl/certs/ca-certificates.crt"}, files
     elf = subprocess.run(["readelf", "-l", str(binary)], capture_output=True, text=True).stdout
@@ -151,11 +163,14 @@ def get(url, headers=None, context=None, timeout=2):
         return e.code, e.read().decode()
 
 
-def wait_until(fn, what, deadline_s=20):
-    """Polls fn until it returns a truthy value, or fails after deadline_s."""
+def wait_until(fn, what, deadline_s=20, proc=None):
+    """Polls fn until it returns a truthy value, or fails after deadline_s (at once if proc,
+    the server being waited for, exits)."""
     end = time.monotonic() + deadline_s
     last = None
     while time.monotonic() < end:
+        if proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited ({proc.proc.returncode}):\n{proc.logs()}")
         try:
             value = fn()
             if value:
@@ -175,7 +190,7 @@ class Chrooted:
         env = dict(e.split("=", 1) for e in c["Env"])
         self.log = open(log, "w+")
         self.proc = subprocess.Popen(
-            ["chroot", f"--userspec={UID}:{UID}", "--groups=", str(rootfs), *c["Entrypoint"], *args],
+            [shutil.which("chroot"), f"--userspec={UID}:{UID}", "--groups=", str(rootfs), *c["Entrypoint"], *args],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd="/",
         )
 
@@ -209,7 +224,7 @@ def broker(rootfs, archive, tmp_path_factory):
     ], log)
     b.listen, b.admin = listen, admin
     try:
-        wait_until(lambda: get(f"http://127.0.0.1:{admin}/healthz")[0] == 200, "broker /healthz")
+        wait_until(lambda: get(f"http://127.0.0.1:{admin}/healthz")[0] == 200, "broker /healthz", proc=b)
         yield b
     finally:
         b.stop()
@@ -246,35 +261,60 @@ def webhook(rootfs, archive, tmp_path_factory):
     """The webhook from the same image, with a throwaway serving certificate inside the chroot."""
     tls = rootfs / "tmp" / "tls"
     tls.mkdir(exist_ok=True)
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(tls / "tls.key"), "-out", str(tls / "tls.crt")],
-        check=True, capture_output=True,
-    )
-    for f in tls.iterdir():
-        os.chown(f, UID, UID)
+    renew_certificate(tls)
     listen, admin = free_port(), free_port()
     log = tmp_path_factory.mktemp("webhook") / "webhook.log"
     w = Chrooted(rootfs, archive[2], [
         "webhook", "--listen", f"127.0.0.1:{listen}", "--admin-listen", f"127.0.0.1:{admin}",
         "--tls-cert-file", "/tmp/tls/tls.crt", "--tls-key-file", "/tmp/tls/tls.key",
         "--kube-api-url", "none", "--sidecar-image", f"registry.example/imds-broker:{VERSION}",
+        "--tls-reload-interval", "200ms",
     ], log)
-    w.listen, w.admin, w.ca = listen, admin, tls / "tls.crt"
+    w.listen, w.admin, w.ca, w.tls_dir = listen, admin, tls / "tls.crt", tls
     try:
-        wait_until(lambda: get(f"http://127.0.0.1:{admin}/readyz")[0] == 200, "webhook /readyz")
+        wait_until(lambda: get(f"http://127.0.0.1:{admin}/readyz")[0] == 200, "webhook /readyz", proc=w)
         yield w
     finally:
         w.stop()
 
 
-def test_webhook_starts_and_serves_tls_as_65532(webhook):
+REVIEW = {
+    "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+    "request": {
+        "uid": "packaging-1", "operation": "CREATE", "namespace": "velero",
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "not-velero"},
+                   "spec": {"containers": [{"name": "app", "image": "app"}]}},
+    },
+}
+
+
+def test_webhook_answers_admission_reviews_as_65532(webhook):
     assert webhook.uid() == (str(UID), str(UID))
     ctx = ssl.create_default_context(cafile=str(webhook.ca))
-    with socket.create_connection(("127.0.0.1", webhook.listen), timeout=5) as s:
-        with ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls:
-            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    req = urllib.request.Request(
+        f"https://127.0.0.1:{webhook.listen}/mutate", data=json.dumps(REVIEW).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=5, context=ctx) as r:
+        answer = json.loads(r.read())
+    # A pod without Velero's labels: admitted untouched.
+    assert answer["response"]["uid"] == "packaging-1" and answer["response"]["allowed"] is True
+    assert "patch" not in answer["response"], answer
+
+
+def renew_certificate(tls_dir):
+    """A new serving certificate in place of the old one (as a Secret update would do)."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(tls_dir / "tls.key.new"), "-out", str(tls_dir / "tls.crt.new")],
+        check=True, capture_output=True,
+    )
+    for name in ("tls.key", "tls.crt"):
+        os.chown(tls_dir / f"{name}.new", UID, UID)
+        os.replace(tls_dir / f"{name}.new", tls_dir / name)
 
 
 # ---- metrics: what the image serves is what docs/monitoring.md documents ----------------
@@ -299,6 +339,16 @@ def exposition_name(name, kind):
 
 
 def test_documented_metrics_are_the_served_ones(broker, webhook):
+    """Most counter families appear at their first event: cause one of each first (a token
+    exchange, an AdmissionReview, a certificate renewal), then compare."""
+    test_broker_serves_a_token_as_65532(broker)
+    test_webhook_answers_admission_reviews_as_65532(webhook)
+    renew_certificate(webhook.tls_dir)
+    wait_until(
+        lambda: 'imds_broker_webhook_tls_reloads_total{result="success"}'
+        in get(f"http://127.0.0.1:{webhook.admin}/metrics")[1],
+        "the webhook to reload its renewed certificate", proc=webhook,
+    )
     served = {}
     for port in (broker.admin, webhook.admin):
         status, text = get(f"http://127.0.0.1:{port}/metrics")
