@@ -360,3 +360,14 @@ def test_documented_metrics_are_the_served_ones(broker, webhook):
         f"served only: {sorted(set(served) - set(documented))}; "
         f"type mismatches: {[(n, documented[n], served[n]) for n in set(documented) & set(served) if documented[n] != served[n]]}"
     )
+
+
+def test_build_is_reproducible(tmp_path):
+    """Same commit, same binary: the same image digest (timestamps come from the commit)."""
+    binary = env_path("IMDS_BROKER_PKG_BINARY")
+    if binary is None:
+        pytest.skip("IMDS_BROKER_PKG_BINARY not set")
+    subprocess.run([str(ROOT / "scripts" / "build-image")], check=True, capture_output=True,
+                   env={**os.environ, "BINARY": str(binary), "OUT": str(tmp_path / "again")})
+    digest = lambda d: json.loads((d / "oci" / "index.json").read_text())["manifests"][0]["digest"]
+    assert digest(tmp_path / "again") == digest(IMAGE_DIR)
