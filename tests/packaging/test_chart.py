@@ -98,7 +98,9 @@ def webhook_defaults():
     flat = re.sub(r"\s+", " ", text)
     defaults = {}
     for m in re.finditer(r"\[env: (IMDS_BROKER_[A-Z_]+)=?[^\]]*\](?: \[default: ([^\]]*)\])?", flat):
-        defaults[m.group(1)] = m.group(2)
+        default = m.group(2)
+        # clap shows an empty default as [default: ""]
+        defaults[m.group(1)] = "" if default == '""' else default
     assert "IMDS_BROKER_WEBHOOK_SIDECAR_IMAGE" in defaults, "help output not understood"
     return defaults
 
@@ -342,3 +344,10 @@ def test_prometheus_rule_holds_the_rules_file():
     (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
     rules = yaml.safe_load((ROOT / "deploy" / "monitoring" / "imds-broker.rules.yml").read_text())
     assert rule["spec"] == rules
+
+
+def test_refuses_clusters_without_native_sidecars():
+    res = helm("template", RELEASE, str(CHART), "--set", f"image.repository={REPO}",
+               "--kube-version", "1.28.0", check=False)
+    assert res.returncode != 0 and "kubeVersion: >=1.29.0-0" in res.stderr, res.stderr
+    helm("template", RELEASE, str(CHART), "--set", f"image.repository={REPO}", "--kube-version", "1.29.0")
