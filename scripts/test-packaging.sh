@@ -11,8 +11,9 @@
 # Python packages into .venv; helm and kustomize built with `go build` from
 # tests/packaging/tools (versions and checksums in its go.mod/go.sum, from the Go module proxy)
 # into target/packaging-tools/<hash of go.mod+go.sum>/, so they are built once per pin.
-# Cold ~6 min (helm + kustomize build ~4 min on 2 cores, plus the release binary when no other
-# stage built it); warm ~40 s.
+# Cold: the Go tools build took 12 min on 2 busy cores (load ~15; less on an idle machine), plus
+# the release binary when no earlier stage built it (the bench stage does, in scripts/test);
+# warm (tools, binary cached): ~25 s, of which the tests ~17 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
