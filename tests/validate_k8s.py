@@ -132,11 +132,45 @@ def render_unrendered(kdir):
     return docs
 
 
+# The overlays ship an image placeholder that fails `kustomize build` on purpose (so it is never
+# applied by accident); the checks render a copy with an image set, as an operator would.
+TEST_IMAGE = "registry.example/imds-broker:0.1.0"
+PLACEHOLDER_ERROR = "out of bounds for value IMAGE-NOT-SET--run-kustomize-edit-set-image"
+
+
+def with_image(kdir, tmp):
+    """A copy of deploy/ in tmp whose kustomization for kdir sets TEST_IMAGE; its path."""
+    copy = os.path.join(tmp, "deploy")
+    shutil.copytree(DEPLOY, copy)
+    target = os.path.join(copy, os.path.relpath(kdir, DEPLOY), "kustomization.yaml")
+    with open(target) as f:
+        k = yaml.safe_load(f)
+    name, _, tag = TEST_IMAGE.rpartition(":")
+    for entry in k.get("images", []):
+        if entry.get("name") == "imds-broker":
+            entry.update(newName=name, newTag=tag)
+    with open(target, "w") as f:
+        yaml.safe_dump(k, f, sort_keys=False)
+    return os.path.dirname(target)
+
+
 def render(kdir, tool):
     if tool is None:
         return render_unrendered(kdir), False
-    out = subprocess.run(tool + [kdir], check=True, capture_output=True, text=True).stdout
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            tool + [with_image(kdir, tmp)], check=True, capture_output=True, text=True
+        ).stdout
     return [d for d in yaml.safe_load_all(out) if d], True
+
+
+def check_placeholder_refused(kdir, tool):
+    """The overlay as committed (image not set) must not render."""
+    res = subprocess.run(tool + [kdir], capture_output=True, text=True)
+    assert res.returncode != 0, "renders with the image placeholder"
+    assert PLACEHOLDER_ERROR in res.stderr, f"unexpected error: {res.stderr.strip()}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,6 +385,8 @@ def main():
             record(False, f"{rel}: renders", str(e))
             continue
         how = "rendered" if rendered else "unrendered files"
+        if rendered and "overlays" in rel:
+            check(f"{rel}: refuses to render until the image is set", lambda k=kdir: check_placeholder_refused(k, tool))
         record(True, f"{rel}: {len(docs)} objects ({how})")
         for doc in docs:
             label = f"{rel}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')} valid"
