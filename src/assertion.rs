@@ -6,6 +6,26 @@
 //! file and the fix, instead of an opaque AADSTS code from Entra.
 
 pub use crate::clock::now_unix;
+use std::io::Read;
+
+/// Largest token file read: a projected service-account token is a few KiB, and the file is
+/// read before every exchange and every readiness probe.
+pub const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads at most [`MAX_TOKEN_FILE_BYTES`] of `path`; a larger file is an error, not a read.
+fn read_capped(path: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_TOKEN_FILE_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "it is larger than {} KiB, which no service-account token is: check --token-file",
+            MAX_TOKEN_FILE_BYTES / 1024
+        )));
+    }
+    Ok(text)
+}
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -123,7 +143,7 @@ impl TokenFile {
 
     fn read_raw(&self) -> Result<String, AssertionError> {
         let path = self.path.clone();
-        let text = std::fs::read_to_string(&self.path).map_err(|e| match e.kind() {
+        let text = read_capped(&self.path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => AssertionError::Missing {
                 path: path.clone(),
                 audience: self.audience.clone(),
@@ -183,6 +203,17 @@ impl TokenFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_oversized_token_file_is_refused_without_reading_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, vec![b'a'; 200 * 1024]).unwrap();
+        let e = TokenFile::new(path, "api://AzureADTokenExchange")
+            .read()
+            .unwrap_err();
+        assert!(e.to_string().contains("larger than 64 KiB"), "{e}");
+    }
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
 

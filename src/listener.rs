@@ -389,19 +389,29 @@ pub fn json_response(status: hyper::StatusCode, body: impl Into<Bytes>) -> Respo
     resp
 }
 
-/// Resolves on SIGTERM (kubelet stopping the pod) or SIGINT (Ctrl-C).
+/// Resolves on SIGTERM (kubelet stopping the pod) or SIGINT (Ctrl-C). SIGHUP, which would
+/// otherwise kill the process silently, is logged and ignored: there is no configuration file
+/// to reload (the token file and certificates are re-read on their own).
 pub async fn termination_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(mut term), Ok(mut int)) => {
+        (Ok(mut term), Ok(mut int), Ok(mut hup)) => loop {
             tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-                _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM received, shutting down");
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT received, shutting down");
+                    break;
+                }
+                _ = hup.recv() => tracing::info!("SIGHUP received and ignored (nothing to reload)"),
             }
-        }
+        },
         _ => {
             // Without signal handlers (should not happen on Linux) fall back to Ctrl-C only.
             let _ = tokio::signal::ctrl_c().await;

@@ -1031,3 +1031,38 @@ async fn https_proxy_and_no_proxy_are_honoured_for_entra() {
         "NO_PROXY bypasses the proxy"
     );
 }
+
+#[tokio::test]
+async fn ambiguous_security_headers_and_every_proxy_header_are_refused() {
+    let fake = FakeEntra::start();
+    let (_dir, tf) = token_dir(&fake);
+    let broker = BrokerBuilder::entra(&fake, &tf).spawn().await;
+    let imds = broker.imds_url(&format!("api-version=2018-02-01&resource={}", enc(STORAGE)));
+    let twice = broker
+        .get(&imds, &[("Metadata", "true"), ("Metadata", "false")])
+        .await;
+    assert_eq!(twice.status, 400, "{}", twice.raw);
+    assert!(twice.body["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("more than one Metadata"));
+    for proxy in ["Via", "Forwarded", "X-Forwarded-For"] {
+        let r = broker
+            .get(&imds, &[("Metadata", "true"), (proxy, "1.1 proxy")])
+            .await;
+        assert_eq!(r.status, 400, "{proxy}: {}", r.raw);
+        assert!(r.raw.contains(proxy), "{}", r.raw);
+    }
+    let app = broker.app_service_url(&format!("api-version=2019-08-01&resource={}", enc(STORAGE)));
+    let r = broker
+        .get(
+            &app,
+            &[
+                ("X-IDENTITY-HEADER", IDENTITY_HEADER),
+                ("X-IDENTITY-HEADER", "guess"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.raw);
+    assert_eq!(fake.calls(), 0, "nothing refused reached Entra");
+}

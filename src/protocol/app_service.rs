@@ -42,7 +42,16 @@ impl IdentityHeader {
 /// The App Service checks: method, the shared secret, api-version 2019-08-01.
 pub fn check(secret: &IdentityHeader, req: &Request<Incoming>) -> Result<Lookup, ApiError> {
     require_get(req)?;
-    match req.headers().get(&X_IDENTITY_HEADER) {
+    let mut presented = req.headers().get_all(&X_IDENTITY_HEADER).iter();
+    let (first, second) = (presented.next(), presented.next());
+    if second.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Request contains more than one X-IDENTITY-HEADER: send exactly one",
+        ));
+    }
+    match first {
         None => return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

@@ -13,6 +13,12 @@ use hyper::{Request, Response};
 // lookup (~350 instructions each on the hot path, bench/RESULTS.md).
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const METADATA: HeaderName = HeaderName::from_static("metadata");
+/// Any of these means the request passed a proxy, so it did not come from inside the pod.
+const PROXY_HEADERS: [(HeaderName, &str); 3] = [
+    (X_FORWARDED_FOR, "X-Forwarded-For"),
+    (HeaderName::from_static("forwarded"), "Forwarded"),
+    (HeaderName::from_static("via"), "Via"),
+];
 
 /// API versions of the IMDS identity endpoint (newest first, as IMDS lists them).
 pub const API_VERSIONS: &[&str] = &[
@@ -68,14 +74,22 @@ pub fn check(req: &Request<Incoming>) -> Result<Lookup, ApiError> {
     require_get(req)?;
     // IMDS refuses proxied requests: a request that went through a proxy did not come from
     // inside the pod.
-    if req.headers().contains_key(&X_FORWARDED_FOR) {
+    if let Some((_, name)) = PROXY_HEADERS
+        .iter()
+        .find(|(h, _)| req.headers().contains_key(h))
+    {
+        return Err(ApiError::bad_request(format!(
+            "Request contains a {name} header: proxied requests are refused"
+        )));
+    }
+    let mut values = req.headers().get_all(&METADATA).iter();
+    let (first, second) = (values.next(), values.next());
+    if second.is_some() {
         return Err(ApiError::bad_request(
-            "Request contains an X-Forwarded-For header: proxied requests are refused",
+            "Request contains more than one Metadata header: send exactly one 'Metadata: true'",
         ));
     }
-    let metadata = req
-        .headers()
-        .get(&METADATA)
+    let metadata = first
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     if !metadata {
