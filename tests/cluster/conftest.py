@@ -107,7 +107,21 @@ class Cluster:
         cp.kubectl("-n", WEBHOOK_NS, "create", "secret", "tls", "imds-broker-webhook-tls",
                    f"--cert={tls}/tls.crt", f"--key={tls}/tls.key")
 
-        rendered = cp.kubectl("kustomize", os.path.join(ROOT, "deploy/overlays/manual-tls")).stdout
+        # The overlay refuses to render until an image is set (so its placeholder is never
+        # applied by accident): set one in a copy, as the README's install path has the
+        # operator do with `kustomize edit set image`.
+        deploy = os.path.join(self.dir, "deploy")
+        shutil.rmtree(deploy, ignore_errors=True)
+        shutil.copytree(os.path.join(ROOT, "deploy"), deploy)
+        kfile = os.path.join(deploy, "overlays/manual-tls/kustomization.yaml")
+        with open(kfile) as f:
+            k = yaml.safe_load(f)
+        for entry in k.get("images", []):
+            if entry.get("name") == "imds-broker":
+                entry.update(newName="registry.example/imds-broker", newTag="0.1.0")
+        with open(kfile, "w") as f:
+            yaml.safe_dump(k, f, sort_keys=False)
+        rendered = cp.kubectl("kustomize", os.path.dirname(kfile)).stdout
         docs = [d for d in yaml.safe_load_all(rendered) if d]
         self.manifests = docs
         self.webhook_port = free_port()
