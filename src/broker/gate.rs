@@ -106,7 +106,11 @@ impl Gate {
             state.not_before = Some(until);
             state.last_error = Some(unavailable(message, wait));
         }
-        (state.failures, wait)
+        // What callers and the log are told is the wait in force, which may be the longer one.
+        let in_force = state
+            .not_before
+            .map_or(wait, |nb| nb.saturating_duration_since(now));
+        (state.failures, in_force)
     }
 
     /// A slot for one exchange; waits while `max_in_flight` are running.
