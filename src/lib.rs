@@ -12,6 +12,7 @@ pub mod cli;
 pub mod clock;
 pub mod crypto;
 pub mod exchange;
+pub mod inject;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -2,6 +2,15 @@
 
 use std::time::Duration;
 
+/// The entries of a repeatable or comma-separated list flag, trimmed, empty ones dropped (so
+/// `""` means "none").
+pub fn non_empty(list: &[String]) -> Vec<String> {
+    list.iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
 /// A duration in humantime syntax (`500ms`, `30s`, `5m`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m)"))

@@ -776,6 +776,49 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
 }
 
 #[tokio::test]
+async fn refusals_are_logged_at_info_with_their_reason_and_rate_limited() {
+    let mut broker = BrokerBuilder::emulate()
+        .set("--allow-resource", STORAGE)
+        .rust_log("info")
+        .spawn()
+        .await;
+    let wrong = broker
+        .get(
+            &broker.app_service_url(&format!("api-version=2019-08-01&resource={}", enc(STORAGE))),
+            &[("X-IDENTITY-HEADER", "wrong-guess-header")],
+        )
+        .await;
+    assert_eq!(wrong.status, 401);
+    assert!(
+        broker
+            .wait_log(
+                "does not match this broker's IDENTITY_HEADER",
+                Duration::from_secs(5)
+            )
+            .await
+    );
+    assert_eq!(
+        broker.imds_token("https://vault.azure.net").await.status,
+        403
+    );
+    assert!(
+        broker
+            .wait_log("is not allowed by this broker", Duration::from_secs(5))
+            .await,
+        "{}",
+        broker.logs()
+    );
+    // A looping client: 200 refusals give at most the window's budget of lines.
+    for _ in 0..200 {
+        broker.imds("api-version=2018-02-01").await;
+    }
+    let before_stop = broker.logs();
+    let lines = before_stop.matches("token request refused").count();
+    assert!((3..=10).contains(&lines), "{lines} refusal lines");
+    assert!(!before_stop.contains("wrong-guess-header"));
+}
+
+#[tokio::test]
 async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let fake = FakeEntra::start();
     fake.set_response_delay(Duration::from_millis(800));
@@ -902,7 +945,13 @@ async fn emulator_needs_no_token_file_and_issues_jwts() {
 #[tokio::test]
 async fn bad_configuration_fails_fast_with_a_clear_message() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
-        .args(["serve", "--client-id", "c", "--tenant-id", "t"])
+        .args([
+            "serve",
+            "--client-id",
+            "c",
+            "--tenant-id",
+            "contoso.onmicrosoft.com",
+        ])
         .env_clear()
         .output()
         .unwrap();
@@ -936,7 +985,7 @@ async fn bad_configuration_fails_fast_with_a_clear_message() {
             "--client-id",
             "c",
             "--tenant-id",
-            "t",
+            "contoso.onmicrosoft.com",
             "--token-file",
             "/x",
             "--authority-host",
@@ -947,6 +996,24 @@ async fn bad_configuration_fails_fast_with_a_clear_message() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("https://"));
+
+    // A tenant that is neither a GUID nor a domain would be pasted into the authority URL.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+        .args([
+            "serve",
+            "--client-id",
+            "c",
+            "--tenant-id",
+            "bad tenant/../",
+            "--token-file",
+            "/x",
+        ])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("neither a directory (tenant) ID"), "{err}");
 }
 
 /// A minimal HTTP CONNECT proxy that counts tunnels (enterprise egress proxies work this way).

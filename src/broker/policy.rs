@@ -178,7 +178,8 @@ pub fn check_resource(r: &str) -> Result<(), BrokerError> {
     invalid("is not a resource URI")
 }
 
-fn is_guid(s: &str) -> bool {
+/// An 8-4-4-4-12 hex GUID, as Entra writes client, tenant and object IDs.
+pub fn is_guid(s: &str) -> bool {
     s.len() == 36
         && s.bytes().enumerate().all(|(i, b)| match i {
             8 | 13 | 18 | 23 => b == b'-',

@@ -103,7 +103,7 @@ impl Emulator {
             header: URL_SAFE_NO_PAD.encode(header.to_string()),
             tenant_id: tenant_id.to_owned(),
             issuer: format!("https://sts.windows.net/{tenant_id}/"),
-            lifetime: lifetime.max(Duration::from_secs(60)),
+            lifetime,
             serial: AtomicU64::new(0),
         })
     }

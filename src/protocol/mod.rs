@@ -9,6 +9,7 @@
 //! - [`service`]: routing and the cached/waiting answer ([`TokenService`]);
 //! - [`query`]: query parameters and identity selectors;
 //! - [`body`]: the token answer's body;
+//! - [`refusals`]: rate-limited info lines for refused requests;
 //! - [`error`]: the error model ([`ApiError`]).
 
 pub mod app_service;
@@ -16,6 +17,7 @@ pub mod body;
 pub mod error;
 pub mod imds;
 pub mod query;
+pub mod refusals;
 pub mod service;
 
 pub use error::ApiError;

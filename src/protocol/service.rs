@@ -4,6 +4,7 @@
 use super::body::token_body;
 use super::error::ApiError;
 use super::query::{Query, SelectorParam};
+use super::refusals::RefusalLog;
 use super::{app_service, imds, APP_SERVICE_TOKEN_PATH, IMDS_TOKEN_PATH};
 use crate::broker::{Broker, Selector, Token};
 use crate::listener::{json_response, Body};
@@ -25,6 +26,7 @@ pub struct TokenService {
     pub identity_header: Option<app_service::IdentityHeader>,
     /// Longest wait for a token; the broker holds a waiting caller at most this long.
     pub request_timeout: Duration,
+    pub refusals: RefusalLog,
 }
 
 /// A token request that passed its protocol's checks: what remains is the broker lookup.
@@ -77,11 +79,11 @@ impl TokenService {
         let now = |resp| Answer::Ready(ready(self.finish(endpoint, resp, logged.clone())));
         let lookup = match checked {
             Ok(lookup) => lookup,
-            Err(e) => return now(error_response(endpoint, &e)),
+            Err(e) => return now(self.refuse(endpoint, &e)),
         };
         match self.cached(&lookup) {
             Ok(Some(body)) => now(token_response(body)),
-            Err(e) => now(error_response(endpoint, &e)),
+            Err(e) => now(self.refuse(endpoint, &e)),
             Ok(None) => {
                 let svc = self.clone();
                 Answer::Waiting(Box::pin(async move {
@@ -91,13 +93,19 @@ impl TokenService {
                     let backstop = limit + Duration::from_secs(1);
                     let resp = match tokio::time::timeout(backstop, svc.fetch(&lookup)).await {
                         Ok(Ok(body)) => token_response(body),
-                        Ok(Err(e)) => error_response(endpoint, &e),
-                        Err(_) => error_response(endpoint, &ApiError::timeout(limit)),
+                        Ok(Err(e)) => svc.refuse(endpoint, &e),
+                        Err(_) => svc.refuse(endpoint, &ApiError::timeout(limit)),
                     };
                     svc.finish(endpoint, resp, logged)
                 }))
             }
         }
+    }
+
+    /// The error answer, logged (rate-limited) with its reason.
+    fn refuse(&self, endpoint: Endpoint, e: &ApiError) -> Response<Body> {
+        self.refusals.refused(endpoint, e);
+        error_response(endpoint, e)
     }
 
     /// Counts an answer, and logs it at debug level.

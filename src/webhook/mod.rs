@@ -38,7 +38,8 @@ pub const DEFAULT_MATCH_LABELS: &[&str] = &[
     "velero.io/repo-name",
 ];
 
-use crate::values::{parse_duration, parse_quantity, quantity_value};
+use crate::broker::policy::{check_resource, same_resource};
+use crate::values::{non_empty, parse_duration, parse_quantity, quantity_value};
 
 fn parse_expiration(s: &str) -> Result<i64, String> {
     let v: i64 = s.parse().map_err(|e| format!("{e}"))?;
@@ -148,6 +149,16 @@ pub struct WebhookArgs {
     )]
     pub sidecar_allow_resources: Vec<String>,
 
+    /// Resources the sidecar fetches at start-up (repeatable; env comma-separated; "" for
+    /// none); passed to it as IMDS_BROKER_PREFETCH. Each must pass --sidecar-allow-resource.
+    #[arg(
+        long = "sidecar-prefetch",
+        env = "IMDS_BROKER_WEBHOOK_SIDECAR_PREFETCH",
+        value_delimiter = ',',
+        default_value = patch::DEFAULT_PREFETCH
+    )]
+    pub sidecar_prefetch: Vec<String>,
+
     /// Entra authority host passed to the sidecar as AZURE_AUTHORITY_HOST (sovereign clouds).
     #[arg(long, env = "IMDS_BROKER_WEBHOOK_AUTHORITY_HOST")]
     pub authority_host: Option<String>,
@@ -242,6 +253,20 @@ impl WebhookArgs {
             "--sidecar-port and --sidecar-admin-port must differ"
         );
         let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let allow_resources: Vec<String> = non_empty(&self.sidecar_allow_resources);
+        let prefetch = non_empty(&self.sidecar_prefetch);
+        for resource in &prefetch {
+            // Checked here, once, because the sidecar refuses to start on a bad prefetch: a
+            // mistake would otherwise surface as every injected pod failing its start-up probe.
+            check_resource(resource)
+                .map_err(|e| anyhow::anyhow!("--sidecar-prefetch {resource}: {e}"))?;
+            anyhow::ensure!(
+                allow_resources.is_empty()
+                    || allow_resources.iter().any(|a| same_resource(a, resource)),
+                "--sidecar-prefetch {resource} is not in --sidecar-allow-resource: the sidecar \
+                 would refuse to start; allow it too, or set --sidecar-prefetch \"\" for no prefetch"
+            );
+        }
         let sidecar = patch::SidecarConfig {
             image: self.sidecar_image.trim().to_string(),
             image_pull_policy: self.sidecar_image_pull_policy.clone(),
@@ -249,12 +274,8 @@ impl WebhookArgs {
             admin_port: self.sidecar_admin_port,
             audience: self.token_audience.clone(),
             authority_host: self.authority_host.clone().filter(|h| !h.is_empty()),
-            allow_resources: self
-                .sidecar_allow_resources
-                .iter()
-                .filter(|r| !r.is_empty())
-                .cloned()
-                .collect(),
+            allow_resources,
+            prefetch,
             cpu_request: opt(&self.sidecar_cpu_request),
             memory_request: opt(&self.sidecar_memory_request),
             cpu_limit: opt(&self.sidecar_cpu_limit),
@@ -271,7 +292,7 @@ impl WebhookArgs {
     }
 
     /// Where ServiceAccount annotations come from.
-    fn identity_source(&self) -> anyhow::Result<Arc<dyn IdentitySource>> {
+    pub(crate) fn identity_source(&self) -> anyhow::Result<Arc<dyn IdentitySource>> {
         let api = match self.kube_api_url.as_deref().map(str::trim) {
             Some("none") | Some("") => None,
             Some(url) => Some(ApiConfig {
@@ -455,6 +476,26 @@ mod tests {
         assert_eq!(cfg.sidecar.cpu_limit, None);
         assert_eq!(cfg.token_expiration_seconds, 3600);
         assert_eq!(cfg.fallback, PartialIdentity::default());
+        assert_eq!(cfg.sidecar.prefetch, ["https://storage.azure.com/"]);
+    }
+
+    #[test]
+    fn prefetch_must_be_allowed_and_empty_means_none() {
+        let none = parse(&["--sidecar-prefetch", ""]).unwrap();
+        assert!(none.webhook_config().unwrap().sidecar.prefetch.is_empty());
+        // Velero's spelling (no slash) is the same resource as the allow-list entry.
+        let ok = parse(&[
+            "--sidecar-allow-resource",
+            "https://storage.azure.com/",
+            "--sidecar-prefetch",
+            "https://storage.azure.com",
+        ]);
+        assert!(ok.unwrap().webhook_config().is_ok());
+        let denied = parse(&["--sidecar-allow-resource", "https://management.azure.com/"]);
+        let err = denied.unwrap().webhook_config().unwrap_err().to_string();
+        assert!(err.contains("not in --sidecar-allow-resource"), "{err}");
+        let invalid = parse(&["--sidecar-prefetch", "storage"]).unwrap();
+        assert!(invalid.webhook_config().is_err());
     }
 
     #[test]

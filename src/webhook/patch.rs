@@ -44,6 +44,9 @@ pub const TOKEN_EXPIRATION_ANNOTATION: &str =
     "azure.workload.identity/service-account-token-expiration";
 /// Default audience of the federated token (Entra's public-cloud audience).
 pub const DEFAULT_AUDIENCE: &str = "api://AzureADTokenExchange";
+/// What the sidecar prefetches by default: the Storage audience Velero's uploader asks for (it
+/// spells it without the slash; the broker's cache key ignores the difference).
+pub const DEFAULT_PREFETCH: &str = "https://storage.azure.com/";
 /// Default lifetime of the projected token, in seconds.
 pub const DEFAULT_TOKEN_EXPIRATION: i64 = 3600;
 /// Shortest token lifetime accepted in the annotation (Azure Workload Identity's bound).
@@ -75,6 +78,9 @@ pub struct SidecarConfig {
     pub authority_host: Option<String>,
     /// Passed to the broker as `IMDS_BROKER_ALLOW_RESOURCES` when non-empty.
     pub allow_resources: Vec<String>,
+    /// Passed to the broker as `IMDS_BROKER_PREFETCH` when non-empty: fetched while the pod's
+    /// other init containers run, so the app's first request is a cache hit.
+    pub prefetch: Vec<String>,
     pub cpu_request: Option<String>,
     pub memory_request: Option<String>,
     pub cpu_limit: Option<String>,
@@ -91,6 +97,7 @@ impl Default for SidecarConfig {
             audience: DEFAULT_AUDIENCE.into(),
             authority_host: None,
             allow_resources: Vec::new(),
+            prefetch: vec![DEFAULT_PREFETCH.into()],
             cpu_request: Some("10m".into()),
             memory_request: Some("16Mi".into()),
             cpu_limit: None,
@@ -289,6 +296,9 @@ pub fn sidecar_container(config: &SidecarConfig, inj: &Injection<'_>) -> Contain
             "IMDS_BROKER_ALLOW_RESOURCES",
             &config.allow_resources.join(","),
         ));
+    }
+    if !config.prefetch.is_empty() {
+        env_vars.push(env("IMDS_BROKER_PREFETCH", &config.prefetch.join(",")));
     }
     Container {
         name: SIDECAR_NAME.into(),
@@ -548,6 +558,7 @@ mod tests {
         let cfg = SidecarConfig {
             authority_host: Some("https://login.microsoftonline.us".into()),
             allow_resources: vec!["https://storage.azure.com/".into(), "https://x/".into()],
+            prefetch: vec!["https://x/".into()],
             audience: "api://AzureADTokenExchangeUSGov".into(),
             cpu_limit: Some("100m".into()),
             memory_limit: None,
@@ -583,6 +594,29 @@ mod tests {
             env["IMDS_BROKER_TOKEN_AUDIENCE"],
             "api://AzureADTokenExchangeUSGov"
         );
+        assert_eq!(env["IMDS_BROKER_PREFETCH"], "https://x/");
         assert_eq!(c["resources"]["limits"], json!({"cpu": "100m"}));
+    }
+
+    #[test]
+    fn no_prefetch_means_no_env() {
+        let cfg = SidecarConfig {
+            prefetch: Vec::new(),
+            ..Default::default()
+        };
+        let id = identity();
+        let inj = Injection {
+            identity: &id,
+            identity_header: "h",
+            token_expiration_seconds: 3600,
+        };
+        let c = serde_json::to_value(sidecar_container(&cfg, &inj)).unwrap();
+        let names: Vec<&str> = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert!(!names.contains(&"IMDS_BROKER_PREFETCH"), "{names:?}");
     }
 }

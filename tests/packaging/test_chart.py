@@ -307,6 +307,7 @@ def test_values_reach_the_webhook():
     assert container["image"] == f"{REPO}@sha256:" + "ab" * 32
     assert env["IMDS_BROKER_WEBHOOK_SIDECAR_IMAGE"] == "other.example/broker:9"
     assert env["IMDS_BROKER_WEBHOOK_SIDECAR_ALLOW_RESOURCES"] == "https://storage.azure.com/"
+    assert env["IMDS_BROKER_WEBHOOK_SIDECAR_PREFETCH"] == "https://storage.azure.com/"
     assert env["IMDS_BROKER_WEBHOOK_SIDECAR_CPU_LIMIT"] == "100m"
     assert env["IMDS_BROKER_WEBHOOK_CLIENT_ID"] == "11111111-2222-3333-4444-555555555555"
     assert env["IMDS_BROKER_WEBHOOK_TENANT_ID"] == "66666666-7777-8888-9999-000000000000"

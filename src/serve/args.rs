@@ -1,0 +1,303 @@
+//! The flags of `imds-broker serve`, and the checks that refuse a value the broker would
+//! otherwise change silently or that would hand tokens to the wrong audience.
+
+use crate::values::parse_duration;
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Args)]
+/// Flags of `imds-broker serve`.
+pub struct ServeArgs {
+    /// Token listener(s). Loopback only by default: a pod-IP listener would hand this pod's
+    /// tokens to any other pod. Repeat (or comma-separate) to listen on several addresses,
+    /// e.g. `169.254.169.254:80` in transparent mode.
+    #[arg(
+        long = "listen",
+        env = "IMDS_BROKER_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:8400"
+    )]
+    pub listen: Vec<SocketAddr>,
+
+    /// Admin listener: /healthz, /readyz, /metrics. Serves no tokens.
+    #[arg(long, env = "IMDS_BROKER_ADMIN_LISTEN", default_value = "0.0.0.0:8401")]
+    pub admin_listen: SocketAddr,
+
+    /// Projected service-account token used as the federated client assertion. Re-read
+    /// before every Entra exchange because kubelet rotates it in place.
+    #[arg(
+        long,
+        env = "AZURE_FEDERATED_TOKEN_FILE",
+        required_unless_present = "emulate"
+    )]
+    pub token_file: Option<PathBuf>,
+
+    /// Audience the service-account token must carry (the federated credential's audience).
+    #[arg(
+        long,
+        env = "IMDS_BROKER_TOKEN_AUDIENCE",
+        default_value = "api://AzureADTokenExchange"
+    )]
+    pub token_audience: String,
+
+    /// Client (application) ID of the Entra app or user-assigned managed identity that holds
+    /// the federated credential. Requests that name another client ID get "Identity not found".
+    #[arg(long, env = "AZURE_CLIENT_ID", required_unless_present = "emulate")]
+    pub client_id: Option<String>,
+
+    /// Tenant (directory) ID.
+    #[arg(long, env = "AZURE_TENANT_ID", required_unless_present = "emulate")]
+    pub tenant_id: Option<String>,
+
+    /// Entra authority host. China: https://login.chinacloudapi.cn; US Government:
+    /// https://login.microsoftonline.us.
+    #[arg(
+        long,
+        env = "AZURE_AUTHORITY_HOST",
+        default_value = "https://login.microsoftonline.com"
+    )]
+    pub authority_host: String,
+
+    /// Extra PEM CA certificates trusted for the authority host, on top of the system roots
+    /// (TLS-inspecting proxies).
+    #[arg(long, env = "IMDS_BROKER_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Shared secret that enables the App Service endpoint (/msi/token); callers must send it
+    /// in X-IDENTITY-HEADER. Without it only the IMDS endpoint is served.
+    #[arg(long, env = "IDENTITY_HEADER", hide_env_values = true)]
+    pub identity_header: Option<String>,
+
+    /// Object (principal) ID of the identity, so that `object_id`/`principal_id` selectors
+    /// naming it are accepted. Without it such selectors get "Identity not found".
+    #[arg(long, env = "IMDS_BROKER_OBJECT_ID")]
+    pub object_id: Option<String>,
+
+    /// ARM resource ID of the identity, so that `msi_res_id`/`mi_res_id` selectors naming it
+    /// are accepted.
+    #[arg(long, env = "IMDS_BROKER_RESOURCE_ID")]
+    pub resource_id: Option<String>,
+
+    /// Serve only these resources (repeatable; env comma-separated). Default: any resource.
+    /// A Velero data mover needs only https://storage.azure.com/ (useAAD) and
+    /// https://management.core.windows.net/ (storage account keys).
+    #[arg(
+        long = "allow-resource",
+        env = "IMDS_BROKER_ALLOW_RESOURCES",
+        value_delimiter = ','
+    )]
+    pub allow_resources: Vec<String>,
+
+    /// Fetch a token for this resource at start-up (repeatable; env comma-separated).
+    #[arg(long = "prefetch", env = "IMDS_BROKER_PREFETCH", value_delimiter = ',')]
+    pub prefetch: Vec<String>,
+
+    /// Replace Entra with a built-in local issuer of FAKE tokens (no Azure account, no token file).
+    #[arg(long, env = "IMDS_BROKER_EMULATE")]
+    pub emulate: bool,
+
+    /// Lifetime of the emulator's tokens, 1s-24h. Under 5 minutes SDKs treat every token as
+    /// expiring and ask again on each call.
+    #[arg(long, env = "IMDS_BROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = parse_duration)]
+    pub emulator_token_lifetime: Duration,
+
+    /// Entra attempts per exchange for transient failures (5xx, 429, timeouts, resets), 1-10.
+    #[arg(long, env = "IMDS_BROKER_RETRY_MAX_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub retry_max_attempts: u32,
+
+    /// First retry delay; doubles per attempt, with jitter.
+    #[arg(long, env = "IMDS_BROKER_RETRY_INITIAL_BACKOFF", default_value = "500ms", value_parser = parse_duration)]
+    pub retry_initial_backoff: Duration,
+
+    /// Cap of the retry delay between Entra calls while Entra keeps failing.
+    #[arg(long, env = "IMDS_BROKER_RETRY_MAX_BACKOFF", default_value = "8s", value_parser = parse_duration)]
+    pub retry_max_backoff: Duration,
+
+    /// After a permanent Entra failure (e.g. AADSTS70021), how long the error is answered from
+    /// memory before Entra is asked again.
+    #[arg(long, env = "IMDS_BROKER_ERROR_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub error_backoff: Duration,
+
+    /// Longest wait honoured from Entra's Retry-After; a longer one is cut to this.
+    #[arg(long, env = "IMDS_BROKER_MAX_RETRY_AFTER", default_value = "5m", value_parser = parse_duration)]
+    pub max_retry_after: Duration,
+
+    /// Token exchanges in flight at once, over all resources (Entra throttles per app).
+    #[arg(long, env = "IMDS_BROKER_ENTRA_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub entra_concurrency: u16,
+
+    /// Timeout of one Entra request (connect + response).
+    #[arg(long, env = "IMDS_BROKER_ENTRA_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub entra_timeout: Duration,
+
+    /// Maximum concurrent connections on the token listener; at the cap the connection idle
+    /// longest is closed to make room. Memory budget: each connection costs at most its 8 KiB
+    /// head buffer plus hyper's write buffer and task (~24 KiB), so 512 connections stay
+    /// under 12 MiB, inside the 32 Mi limit the webhook injects.
+    #[arg(long, env = "IMDS_BROKER_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+
+    /// Time allowed to receive a request's headers, and to answer it: a caller waiting on
+    /// Entra (an exchange, a backoff, a throttle) is held at most this long, then answered 503
+    /// with a Retry-After of at most 20 s.
+    #[arg(long, env = "IMDS_BROKER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
+    #[arg(long, env = "IMDS_BROKER_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Bounds of `--emulator-token-lifetime`: Entra's own tokens live 1-24 h; seconds are allowed
+/// so tests can watch refreshes.
+const EMULATOR_LIFETIME: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(24 * 3600));
+/// SDKs (azidentity, azure-identity, @azure/identity) refresh a token with less left than this.
+const SDK_REFRESH_WINDOW: Duration = Duration::from_secs(300);
+
+impl ServeArgs {
+    /// Refuses values that would otherwise be changed or ignored without a word.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(header) = &self.identity_header {
+            anyhow::ensure!(
+                !header.trim().is_empty(),
+                "--identity-header / IDENTITY_HEADER is set but empty: give the shared secret \
+                 the app containers send as X-IDENTITY-HEADER, or unset it to serve IMDS only"
+            );
+        }
+        if let Some(tenant) = self.tenant_id.as_deref().filter(|t| !t.trim().is_empty()) {
+            check_tenant(tenant.trim())?;
+        }
+        let (min, max) = EMULATOR_LIFETIME;
+        anyhow::ensure!(
+            (min..=max).contains(&self.emulator_token_lifetime),
+            "--emulator-token-lifetime {:?} is outside 1s-24h",
+            self.emulator_token_lifetime
+        );
+        Ok(())
+    }
+
+    /// Settings that are allowed but worth a warning line at start-up.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for addr in &self.listen {
+            if !addr.ip().is_loopback() && !is_link_local(addr) {
+                out.push(format!(
+                    "--listen {addr} is not a loopback address: anything that can reach it \
+                     (other pods, the node) gets this pod's tokens; use 127.0.0.1 unless a \
+                     NetworkPolicy or the pod's own network namespace keeps it private"
+                ));
+            }
+        }
+        if self.emulate && self.emulator_token_lifetime < SDK_REFRESH_WINDOW {
+            out.push(format!(
+                "--emulator-token-lifetime {:?} is under 5 minutes: Azure SDKs consider such a \
+                 token expiring and ask the broker again on every call",
+                self.emulator_token_lifetime
+            ));
+        }
+        out
+    }
+}
+
+/// 169.254.169.254 in transparent mode lives on the pod's own loopback (init-network).
+fn is_link_local(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_link_local(),
+        std::net::IpAddr::V6(_) => false,
+    }
+}
+
+/// A tenant is a directory ID (GUID) or a verified domain (`contoso.onmicrosoft.com`); it
+/// becomes a path segment of the authority URL, so anything else is refused here.
+fn check_tenant(tenant: &str) -> anyhow::Result<()> {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let domain = tenant.len() <= 253 && tenant.contains('.') && tenant.split('.').all(label_ok);
+    if crate::broker::policy::is_guid(tenant) || domain {
+        return Ok(());
+    }
+    let shown: String = tenant.chars().take(80).collect();
+    anyhow::bail!(
+        "--tenant-id / AZURE_TENANT_ID {shown:?} is neither a directory (tenant) ID such as \
+         72f988bf-86f1-41af-91ab-2d7cd011db47 nor a domain such as contoso.onmicrosoft.com: \
+         copy the Directory (tenant) ID from the app's or identity's overview page"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut argv = vec!["x", "--emulate"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| c.args)
+    }
+
+    #[test]
+    fn values_that_would_be_changed_silently_are_refused() {
+        assert!(parse(&["--retry-max-attempts", "0"]).is_err());
+        assert!(parse(&["--retry-max-attempts", "11"]).is_err());
+        assert!(parse(&["--retry-max-attempts", "1"]).is_ok());
+        let empty_header = parse(&["--identity-header", " "]).unwrap();
+        let err = empty_header.validate().unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+        let zero = parse(&["--emulator-token-lifetime", "0s"]).unwrap();
+        assert!(zero.validate().is_err());
+        let long = parse(&["--emulator-token-lifetime", "25h"]).unwrap();
+        assert!(long.validate().is_err());
+        let short = parse(&["--emulator-token-lifetime", "2s"]).unwrap();
+        assert!(short.validate().is_ok());
+        assert!(short
+            .warnings()
+            .iter()
+            .any(|w| w.contains("under 5 minutes")));
+    }
+
+    #[test]
+    fn tenants_are_guids_or_domains() {
+        for ok in [
+            "72f988bf-86f1-41af-91ab-2d7cd011db47",
+            "contoso.onmicrosoft.com",
+            "fabrikam.com",
+        ] {
+            assert!(check_tenant(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "bad tenant/../",
+            "t",
+            "contoso",
+            "a..b",
+            "-x.com",
+            "x.com/oauth2",
+            "x.com?q",
+        ] {
+            let err = check_tenant(bad).unwrap_err().to_string();
+            assert!(err.contains("--tenant-id"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn non_loopback_listeners_are_warned_about() {
+        let quiet = parse(&["--listen", "127.0.0.1:8400,169.254.169.254:80"]).unwrap();
+        assert!(quiet.warnings().is_empty(), "{:?}", quiet.warnings());
+        let open = parse(&["--listen", "0.0.0.0:8400"]).unwrap();
+        let w = open.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("0.0.0.0:8400"), "{w:?}");
+    }
+}
