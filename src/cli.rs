@@ -60,6 +60,8 @@ pub enum Command {
     Serve(Box<crate::serve::ServeArgs>),
     /// Run the mutating admission webhook that injects the broker into matching pods.
     Webhook(Box<crate::webhook::WebhookArgs>),
+    /// Check every link from the token file to a served token, one verdict line each.
+    Doctor(Box<crate::doctor::DoctorArgs>),
     /// Print manifests (-f FILE, or - for stdin) as the webhook would admit them.
     Inject(Box<crate::inject::InjectArgs>),
     /// Route 169.254.169.254 to this pod's loopback interface (init container, needs NET_ADMIN).

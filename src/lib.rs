@@ -11,6 +11,7 @@ pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod crypto;
+pub mod doctor;
 pub mod exchange;
 pub mod inject;
 pub mod listener;

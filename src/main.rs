@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use imds_broker::cli::{Cli, Command};
-use imds_broker::{inject, logging, netns, serve, webhook};
+use imds_broker::{doctor, inject, logging, netns, serve, webhook};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -33,6 +33,7 @@ fn main() -> ExitCode {
             Command::Webhook(args) => webhook::run(*args).await,
             Command::InitNetwork(args) => netns::run(args).await,
             Command::Inject(args) => inject::run(*args).await,
+            Command::Doctor(args) => doctor::run(*args).await,
         }
     });
     match result {

@@ -233,7 +233,7 @@ fn list_or(list: &[String], none: &str) -> String {
     }
 }
 
-fn exchanger(args: &ServeArgs) -> anyhow::Result<(Arc<dyn Exchanger>, String)> {
+pub(crate) fn exchanger(args: &ServeArgs) -> anyhow::Result<(Arc<dyn Exchanger>, String)> {
     if args.emulate {
         let tenant = args.tenant_id.as_deref().unwrap_or(EMULATOR_TENANT_ID);
         let client = args.client_id.as_deref().unwrap_or(EMULATOR_CLIENT_ID);
