@@ -819,6 +819,46 @@ async fn refusals_are_logged_at_info_with_their_reason_and_rate_limited() {
 }
 
 #[tokio::test]
+async fn a_caller_still_waiting_when_the_grace_period_ends_gets_503_with_retry_after() {
+    let fake = FakeEntra::start();
+    // Entra answers long after the 1-s grace period.
+    fake.set_response_delay(Duration::from_secs(20));
+    let (_dir, tf) = token_dir(&fake);
+    let mut broker = BrokerBuilder::entra(&fake, &tf)
+        .set("--shutdown-grace", "1s")
+        .spawn()
+        .await;
+    let in_flight = {
+        let url = broker.imds_url(&format!("api-version=2018-02-01&resource={}", enc(STORAGE)));
+        let http = broker.http.clone();
+        tokio::spawn(async move {
+            let r = http.get(url).header("Metadata", "true").send().await?;
+            let retry_after = r.headers().get("retry-after").cloned();
+            let status = r.status().as_u16();
+            Ok::<_, reqwest::Error>((status, retry_after, r.text().await?))
+        })
+    };
+    fake.wait_for_calls(1, Duration::from_secs(5))
+        .await
+        .expect("request reached Entra");
+    let signalled = std::time::Instant::now();
+    broker.signal("TERM");
+    let (status, retry_after, body) = in_flight
+        .await
+        .unwrap()
+        .expect("the waiting caller is answered, not dropped");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.unwrap(), "1");
+    assert!(body.contains("shutting down"), "{body}");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    let exit = broker
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exits");
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test]
 async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let fake = FakeEntra::start();
     fake.set_response_delay(Duration::from_millis(800));
@@ -914,6 +954,57 @@ async fn oversized_and_slow_requests_cannot_pin_the_broker() {
     assert!(read.is_ok(), "connection closed by the broker");
     assert!(started.elapsed() < Duration::from_secs(5));
     // Still serving.
+    assert_eq!(broker.imds_token(STORAGE).await.status, 200);
+}
+
+/// Sends raw bytes on a new connection and reads the whole answer.
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn unparsable_requests_get_json_errors_and_are_counted() {
+    let broker = BrokerBuilder::emulate().spawn().await;
+    let garbled = raw(broker.token_addr, b"GARBAGE\r\n\r\n").await;
+    let oversized = format!(
+        "GET /metadata/identity/oauth2/token HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(9000)
+    );
+    let oversized = raw(broker.token_addr, oversized.as_bytes()).await;
+    for (answer, status, says) in [
+        (&garbled, "400", "not valid HTTP/1.1"),
+        (&oversized, "431", "larger than 8 KiB"),
+    ] {
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("content-type: application/json"),
+            "{answer}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "invalid_request");
+        assert!(
+            json["error_description"].as_str().unwrap().contains(says),
+            "{body}"
+        );
+    }
+    for status in ["400", "431"] {
+        let sample =
+            format!("imds_broker_http_requests_total{{endpoint=\"other\",status=\"{status}\"}}");
+        assert_eq!(broker.metric(&sample).await, 1.0, "{sample}");
+    }
+    // Still serving, with hyper's normal answers.
     assert_eq!(broker.imds_token(STORAGE).await.status, 200);
 }
 

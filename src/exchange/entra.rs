@@ -12,6 +12,8 @@ use azure_core::http::{
 use azure_identity::{
     ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions,
 };
+use bytes::BytesMut;
+use futures_util::StreamExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -144,6 +146,9 @@ impl EntraExchanger {
     }
 }
 
+/// The part of an error response body that is read; the rest is dropped unread.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
 /// An Entra error response, as received.
 #[derive(Debug, Clone)]
 struct Captured {
@@ -175,8 +180,19 @@ impl Policy for ErrorCapture {
         if resp.status().is_success() {
             return Ok(resp);
         }
-        let (status, headers, body) = resp.deconstruct();
-        let bytes = body.collect().await?;
+        let (status, headers, mut body) = resp.deconstruct();
+        // Capped: an error page from a proxy (or a hostile endpoint) can be any size, and
+        // Entra's own error bodies are well under a KiB or two.
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            let room = MAX_ERROR_BODY - buf.len();
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if buf.len() == MAX_ERROR_BODY {
+                break;
+            }
+        }
+        let bytes = buf.freeze();
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Captured {
             status: u16::from(status),
             retry_after: retry_after(&headers),
@@ -362,6 +378,47 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use azure_core::http::{headers::Headers, Method, StatusCode, Url};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The next policy: a 502 whose body is 50 MB in 16-KiB chunks, counting chunks pulled.
+    #[derive(Debug)]
+    struct HugeErrorPage(Arc<AtomicUsize>);
+
+    #[async_trait::async_trait]
+    impl Policy for HugeErrorPage {
+        async fn send(&self, _: &Context, _: &mut Request, _: &[Arc<dyn Policy>]) -> PolicyResult {
+            let pulled = self.0.clone();
+            let chunks = futures_util::stream::iter(0..3200).map(move |_| {
+                pulled.fetch_add(1, Ordering::Relaxed);
+                Ok(bytes::Bytes::from(vec![b'x'; 16 * 1024]))
+            });
+            Ok(AsyncRawResponse::new(
+                StatusCode::BadGateway,
+                Headers::new(),
+                Box::pin(chunks),
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_error_body_is_read_only_up_to_its_cap() {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let capture = ErrorCapture::default();
+        let next: Vec<Arc<dyn Policy>> = vec![Arc::new(HugeErrorPage(pulled.clone()))];
+        let mut req = Request::new(Url::parse("https://login.example/t").unwrap(), Method::Post);
+        let resp = capture
+            .send(&Context::new(), &mut req, &next)
+            .await
+            .unwrap();
+        let captured = capture.take().unwrap();
+        assert_eq!(captured.status, 502);
+        assert_eq!(captured.body.len(), MAX_ERROR_BODY);
+        // The rest of the 50 MB was never pulled from the connection.
+        assert_eq!(pulled.load(Ordering::Relaxed), MAX_ERROR_BODY / (16 * 1024));
+        let handed_on = resp.into_body().collect().await.unwrap();
+        assert_eq!(handed_on.len(), MAX_ERROR_BODY);
+    }
 
     #[test]
     fn retry_after_seconds_and_dates() {

@@ -30,6 +30,18 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", description)
     }
 
+    /// The broker stops before an exchange this caller waits for has finished.
+    pub fn shutting_down() -> Self {
+        ApiError {
+            retry_after: Some(Duration::from_secs(1)),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "imds-broker is shutting down before the token arrived; retry",
+            )
+        }
+    }
+
     /// No token within the request timeout.
     pub fn timeout(limit: Duration) -> Self {
         Self::new(

@@ -7,7 +7,7 @@ use super::query::{Query, SelectorParam};
 use super::refusals::RefusalLog;
 use super::{app_service, imds, APP_SERVICE_TOKEN_PATH, IMDS_TOKEN_PATH};
 use crate::broker::{Broker, Selector, Token};
-use crate::listener::{json_response, Body};
+use crate::listener::{json_response, Body, FramingErrorBody, Shutdown};
 use crate::metrics::{Endpoint, Metrics};
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -27,6 +27,9 @@ pub struct TokenService {
     /// Longest wait for a token; the broker holds a waiting caller at most this long.
     pub request_timeout: Duration,
     pub refusals: RefusalLog,
+    /// Fires shortly before the shutdown grace period ends: callers still waiting for Entra
+    /// are answered 503 then, rather than dropped unanswered when the process exits.
+    pub grace_over: Shutdown,
 }
 
 /// A token request that passed its protocol's checks: what remains is the broker lookup.
@@ -91,10 +94,14 @@ impl TokenService {
                     // The broker answers by the deadline itself; this only bounds an exchange
                     // that is still running then.
                     let backstop = limit + Duration::from_secs(1);
-                    let resp = match tokio::time::timeout(backstop, svc.fetch(&lookup)).await {
-                        Ok(Ok(body)) => token_response(body),
-                        Ok(Err(e)) => svc.refuse(endpoint, &e),
-                        Err(_) => svc.refuse(endpoint, &ApiError::timeout(limit)),
+                    let mut grace_over = svc.grace_over.clone();
+                    let resp = tokio::select! {
+                        r = tokio::time::timeout(backstop, svc.fetch(&lookup)) => match r {
+                            Ok(Ok(body)) => token_response(body),
+                            Ok(Err(e)) => svc.refuse(endpoint, &e),
+                            Err(_) => svc.refuse(endpoint, &ApiError::timeout(limit)),
+                        },
+                        () = grace_over.wait() => svc.refuse(endpoint, &ApiError::shutting_down()),
                     };
                     svc.finish(endpoint, resp, logged)
                 }))
@@ -166,6 +173,25 @@ pub fn error_response(endpoint: Endpoint, e: &ApiError) -> Response<Body> {
         Endpoint::app_service => app_service::error_response(e),
         Endpoint::imds | Endpoint::other => imds::error_response(e),
     }
+}
+
+/// The answer to a request hyper could not parse: IMDS's error JSON (the path is unknown),
+/// counted under endpoint `other`.
+pub fn framing_errors(metrics: Arc<Metrics>, max_head_bytes: usize) -> FramingErrorBody {
+    FramingErrorBody(Arc::new(move |status| {
+        metrics.request(Endpoint::other, status);
+        let description = match status {
+            431 => format!(
+                "the request head is larger than {} KiB",
+                max_head_bytes / 1024
+            ),
+            414 => "the request URI is too long".to_owned(),
+            505 => "HTTP version not supported: use HTTP/1.1".to_owned(),
+            _ => "the request is not valid HTTP/1.1 (malformed request line or header)".to_owned(),
+        };
+        serde_json::json!({"error": "invalid_request", "error_description": description})
+            .to_string()
+    }))
 }
 
 /// The request path with one trailing slash removed, for matching the token endpoints.

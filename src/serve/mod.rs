@@ -13,6 +13,7 @@ use crate::listener::{self, Limits};
 use crate::metrics::Metrics;
 use crate::protocol::app_service::IdentityHeader;
 use crate::protocol::refusals::RefusalLog;
+use crate::protocol::service::framing_errors;
 use crate::protocol::TokenService;
 use crate::values::non_empty;
 use std::sync::Arc;
@@ -26,6 +27,10 @@ pub use args::ServeArgs;
 
 /// Longest wait for a complete request head on the token listener.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head on the token listener.
+const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Time left of the shutdown grace period when callers still waiting are answered.
+const GRACE_MARGIN: Duration = Duration::from_millis(250);
 /// How long a start-up prefetch keeps trying before it leaves the resource to requests.
 const PREFETCH_HOLD: Duration = Duration::from_secs(60);
 
@@ -86,6 +91,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .map(|a| a.to_string())
         .unwrap_or_default();
 
+    let (grace_trigger, grace_over) = listener::shutdown_channel();
     let service = Arc::new(TokenService {
         broker: broker.clone(),
         metrics: metrics.clone(),
@@ -95,6 +101,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .and_then(IdentityHeader::new),
         request_timeout: args.request_timeout,
         refusals: RefusalLog::default(),
+        grace_over: grace_over.clone(),
     });
     let admin = Admin {
         readiness: {
@@ -116,7 +123,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         // A caller on loopback sends its head at once; seconds of waiting only serve slowloris.
         header_read_timeout: args.request_timeout.min(HEAD_TIMEOUT),
-        max_header_bytes: 8 * 1024,
+        max_header_bytes: MAX_HEAD_BYTES,
+        framing_error_body: Some(framing_errors(metrics.clone(), MAX_HEAD_BYTES)),
     };
     let mut tasks = tokio::task::JoinSet::new();
     for listener in token_listeners {
@@ -144,6 +152,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_connections: 128,
             header_read_timeout: Duration::from_secs(2),
             max_header_bytes: 8 * 1024,
+            framing_error_body: None,
         },
         shutdown.clone(),
         args.shutdown_grace,
@@ -208,6 +217,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     listener::termination_signal().await;
     trigger.trigger();
+    // Waiting callers get their 503 just before the listeners' grace period runs out, so the
+    // answer is written before the connection is dropped.
+    let answer_waiting_at = args.shutdown_grace.saturating_sub(GRACE_MARGIN);
+    tokio::spawn(async move {
+        tokio::time::sleep(answer_waiting_at).await;
+        grace_trigger.trigger();
+    });
     while tasks.join_next().await.is_some() {}
     tracing::info!("imds-broker stopped");
     Ok(())

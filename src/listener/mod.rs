@@ -23,6 +23,10 @@ use tokio::sync::{watch, Notify, Semaphore};
 // Tokio's clock: the same as std's, except that tests can pause it.
 use tokio::time::Instant;
 
+mod framing_errors;
+pub use framing_errors::FramingErrorBody;
+use framing_errors::FramingErrors;
+
 pub type Body = Full<Bytes>;
 
 /// Limits that stop a slow or huge request from pinning the process.
@@ -37,6 +41,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Read buffer cap, i.e. the largest request head accepted (hyper's minimum is 8 KiB).
     pub max_header_bytes: usize,
+    /// Body of the answer to a request hyper cannot parse (else hyper's empty one).
+    pub framing_error_body: Option<FramingErrorBody>,
 }
 
 impl Default for Limits {
@@ -45,6 +51,7 @@ impl Default for Limits {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
+            framing_error_body: None,
         }
     }
 }
@@ -156,6 +163,7 @@ pub async fn serve_with<W, WF, IO, H, F>(
     http.max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     let head_limit = limits.header_read_timeout;
+    let framing_error_body = limits.framing_error_body.clone();
     let local = listener.local_addr().ok();
     let conns = Conns::default();
 
@@ -201,6 +209,7 @@ pub async fn serve_with<W, WF, IO, H, F>(
         let handler = handler.clone();
         let wrap = wrap.clone();
         let http = http.clone();
+        let framing_error_body = framing_error_body.clone();
         let watcher = graceful.watcher();
         let conn_state = conns.add();
         tokio::spawn(async move {
@@ -233,6 +242,7 @@ pub async fn serve_with<W, WF, IO, H, F>(
                     }
                 })
             };
+            let io = FramingErrors::new(io, framing_error_body.clone());
             let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
             tokio::select! {
                 biased;
