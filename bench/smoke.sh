@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n 8192 2>/dev/null || true
 dir=$(bench/setup.sh "${BENCH_PROFILE:-release}" | tail -n1)
+# The webhook under large reviews and idle connections (about 5 s; functional checks only).
+python3 bench/webhook_load.py "$dir/imds-broker"
 exec python3 bench/bench.py --mode smoke --out bench/out/smoke \
     --broker "$dir/imds-broker" --client "$dir/examples/bench_client" --fake "$dir/examples/fake_entra" \
     --hyper "$dir/examples/hyper_static" "$@"

@@ -190,7 +190,7 @@ async fn inject_pod(
         namespace: Some(namespace.to_owned()),
         name: pod["metadata"]["name"].as_str().map(str::to_owned),
         operation: "CREATE".into(),
-        object: Some(pod.clone()),
+        object: Some(serde_json::value::to_raw_value(pod).context("serialising the pod")?),
     };
     let decision = reviewer
         .decide(&request)

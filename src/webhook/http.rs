@@ -8,18 +8,31 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 /// Largest AdmissionReview accepted (a pod object is at most ~1.5 MiB in etcd; the review
 /// wraps it once for CREATE).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Bytes of review bodies being read or reviewed at once, in KiB. A review's peak memory is a
+/// few times its size (body, typed pod, patch), so two maximal reviews at a time fit the
+/// webhook's 128 Mi limit with room; further large ones wait their turn (bench/RESULTS.md).
+/// Ordinary reviews (tens of KiB) never wait on each other.
+const BODY_BUDGET_KIB: u32 = 8 * 1024;
 
 /// Everything the handler needs, cloned into each request.
 #[derive(Clone)]
 pub struct MutateHandler {
     pub reviewer: Arc<Reviewer>,
     pub metrics: Arc<WebhookMetrics>,
-    /// Time allowed to receive the body.
+    /// Time allowed to receive the body (and to wait for room in the body budget).
     pub body_timeout: Duration,
+    pub body_budget: Arc<Semaphore>,
+}
+
+/// The shared budget for [`MutateHandler::body_budget`].
+pub fn body_budget() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(BODY_BUDGET_KIB as usize))
 }
 
 impl MutateHandler {
@@ -39,6 +52,27 @@ impl MutateHandler {
             );
         }
         let started = Instant::now();
+        // Reserve the body's size (its Content-Length, else the maximum) before reading it.
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .unwrap_or(MAX_BODY_BYTES)
+            .min(MAX_BODY_BYTES);
+        let kib = u32::try_from(declared.div_ceil(1024).max(1)).unwrap_or(BODY_BUDGET_KIB);
+        let budget = self.body_budget.clone().acquire_many_owned(kib);
+        let _reserved = match tokio::time::timeout(self.body_timeout, budget).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                self.metrics
+                    .admission(Outcome::Error, started.elapsed().as_secs_f64());
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "too many large AdmissionReviews at once; the API server retries",
+                );
+            }
+        };
         let body = match self.read_body(req).await {
             Ok(body) => body,
             Err(resp) => {

@@ -209,15 +209,18 @@ pub struct WebhookArgs {
     #[arg(long, env = "IMDS_BROKER_WEBHOOK_SERVICE_ACCOUNT_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
     pub service_account_cache_ttl: Duration,
 
-    /// Maximum concurrent HTTPS connections.
+    /// Maximum concurrent HTTPS connections; at the cap the connection idle longest is
+    /// closed to make room. An idle connection costs ~10 KiB, so 2048 of them (~20 MiB) and
+    /// the large-review budget fit the 128 Mi limit.
     #[arg(
         long,
         env = "IMDS_BROKER_WEBHOOK_MAX_CONNECTIONS",
-        default_value_t = 256
+        default_value_t = 2048
     )]
     pub max_connections: usize,
 
-    /// Time allowed for the TLS handshake, the request head and the request body.
+    /// Time allowed for the request head and the request body (the TLS handshake gets at
+    /// most 3 s).
     #[arg(long, env = "IMDS_BROKER_WEBHOOK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
@@ -230,6 +233,9 @@ pub struct WebhookArgs {
     #[arg(long, env = "IMDS_BROKER_WEBHOOK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 }
+
+/// Longest TLS handshake allowed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl WebhookArgs {
     /// The validated webhook policy.
@@ -395,8 +401,11 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         reviewer,
         metrics: metrics.clone(),
         body_timeout: args.request_timeout,
+        body_budget: http::body_budget(),
     };
-    let handshake_timeout = args.request_timeout;
+    // The API server's TLS handshake takes milliseconds; a connection that has not finished
+    // one in a few seconds is idle or hostile.
+    let handshake_timeout = args.request_timeout.min(HANDSHAKE_TIMEOUT);
     let webhook_task = tokio::spawn(listener::serve_with(
         listener,
         move |stream| {

@@ -11,6 +11,7 @@ use base64::Engine;
 use json_patch::PatchOperation;
 use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -70,8 +71,10 @@ pub struct AdmissionRequest {
     #[serde(default)]
     pub name: Option<String>,
     pub operation: String,
+    /// Kept as text: only a Pod is parsed, once, into its typed form (a `Value` of a 4-MB
+    /// object costs ten times its size).
     #[serde(default)]
-    pub object: Option<Value>,
+    pub object: Option<Box<RawValue>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -193,7 +196,7 @@ impl Reviewer {
             .object
             .as_ref()
             .ok_or_else(|| malformed("request.object is missing"))?;
-        let pod: Pod = serde_json::from_value(object.clone())
+        let pod: Pod = serde_json::from_str(object.get())
             .map_err(|e| malformed(format!("request.object is not a Pod: {e}")))?;
         if let Some(decision) = self.precheck(&pod) {
             return Ok(decision);
@@ -288,15 +291,28 @@ impl Reviewer {
 /// One log line per pod; skipped pods only at debug level. Never logs the patch (it carries
 /// the IDENTITY_HEADER secret).
 fn log_decision(request: &AdmissionRequest, decision: &Decision) {
-    let meta = request.object.as_ref().and_then(|o| o.get("metadata"));
-    let field = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str);
     let pod = request
         .name
-        .as_deref()
+        .clone()
         .filter(|n| !n.is_empty())
-        .or_else(|| field("name"))
-        .or_else(|| field("generateName"))
-        .unwrap_or("");
+        .or_else(|| {
+            // Only the two name fields, not the whole object.
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Meta {
+                name: Option<String>,
+                generate_name: Option<String>,
+            }
+            #[derive(Deserialize)]
+            struct Named {
+                metadata: Option<Meta>,
+            }
+            let named: Named = serde_json::from_str(request.object.as_ref()?.get()).ok()?;
+            let meta = named.metadata?;
+            meta.name.or(meta.generate_name)
+        })
+        .unwrap_or_default();
+    let pod = pod.as_str();
     let namespace = request.namespace.as_deref().unwrap_or("");
     let result = decision.outcome.as_str();
     match (&decision.denial, decision.outcome) {
