@@ -12,6 +12,8 @@ ulimit -n 8192 2>/dev/null || true
 dir=$(bench/setup.sh "${BENCH_PROFILE:-release}" | tail -n1)
 # The webhook under large reviews and idle connections (about 5 s; functional checks only).
 python3 bench/webhook_load.py "$dir/imds-broker"
+# One broker at the worst load the limits allow: 512 full heads, 64 cold resources (~5 s).
+python3 bench/broker_load.py "$dir/imds-broker" "$dir/examples/fake_entra"
 exec python3 bench/bench.py --mode smoke --out bench/out/smoke \
     --broker "$dir/imds-broker" --client "$dir/examples/bench_client" --fake "$dir/examples/fake_entra" \
     --hyper "$dir/examples/hyper_static" "$@"

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""One broker at the worst load the hostile-load rules allow, next to the memory limit the
+webhook injects (32 Mi), with its admin probe timed throughout:
+
+- `--max-connections` (512) connections, each holding an unfinished 8,000-byte request head;
+- 64 distinct cold resources asked for at once against a fake Entra answering after 500 ms
+  (the broker admits 16 at once and 2/s after, the rest get 429 — the bound under test);
+- `/readyz` and `/metrics` polled during both.
+
+Reports peak RSS (VmHWM), Entra calls, how the 64 callers were answered, and the slowest probe.
+Bounded (one broker and one fake on 127.0.0.1, started and stopped here, ~10 s). Exits 1 on a
+functional failure (a probe not answered within 1 s, a cold caller not answered, the broker
+gone), never on the memory figure.
+
+    bench/broker_load.py BROKER FAKE_ENTRA
+"""
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench  # noqa: E402  (process registry, fake Entra and broker launchers)
+
+
+def main():
+    broker_bin, fake_bin = Path(sys.argv[1]), Path(sys.argv[2])
+    out = Path("bench/out/broker-load")
+    out.mkdir(parents=True, exist_ok=True)
+    procs = bench.Procs()
+    failures = []
+    try:
+        fake = bench.Fake(procs, fake_bin, delay_ms=500)
+        broker = bench.Broker(procs, broker_bin, out, "load", fake=fake)
+        pid = broker.pid
+        idle = bench.vm_kib(pid, "VmRSS")
+        probes, stop = [], threading.Event()
+
+        def probe():
+            while not stop.is_set():
+                started = time.monotonic()
+                status = bench.http_get(broker.admin, "/readyz", timeout=5)[0]
+                probes.append((status, time.monotonic() - started))
+                time.sleep(0.05)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        # 512 connections with full, never-finished heads.
+        socks = []
+        for _ in range(512):
+            s = socket.create_connection(("127.0.0.1", broker.port))
+            s.sendall(b"GET /metadata/identity/oauth2/token HTTP/1.1\r\nX-Fill: " + b"a" * 7940)
+            socks.append(s)
+        time.sleep(0.5)
+        held = bench.vm_kib(pid, "VmRSS")
+        # 64 cold resources at once.
+        answers = {}
+
+        def cold(i):
+            target = (f"/metadata/identity/oauth2/token?api-version=2018-02-01"
+                      f"&resource=api%3A%2F%2Fload-{i}")
+            answers[i] = bench.http_get(broker.port, target, {"Metadata": "true"}, timeout=40)[0]
+
+        callers = [threading.Thread(target=cold, args=(i,)) for i in range(64)]
+        [t.start() for t in callers]
+        [t.join() for t in callers]
+        stop.set()
+        prober.join()
+        for s in socks:
+            s.close()
+        peak = bench.vm_kib(pid, "VmHWM")
+        statuses = {}
+        for st in answers.values():
+            statuses[st] = statuses.get(st, 0) + 1
+        worst = max(t for _, t in probes)
+        print(f"RSS idle {idle / 1024:.1f} MiB; with 512 full unfinished heads {held / 1024:.1f} MiB; "
+              f"peak {peak / 1024:.1f} MiB (injected limit 32 MiB)")
+        print(f"64 cold resources: answers {dict(sorted(statuses.items()))}, Entra calls {fake.calls()}")
+        print(f"/readyz during the load: {len(probes)} probes, all 200: "
+              f"{all(s == 200 for s, _ in probes)}, slowest {worst * 1000:.1f} ms")
+        if len(answers) != 64 or any(st not in (200, 429, 503) for st in answers.values()):
+            failures.append(f"cold callers: {answers}")
+        if worst > 1.0 or any(s != 200 for s, _ in probes):
+            failures.append(f"probes: slowest {worst:.3f} s")
+    finally:
+        procs.stop_all()
+    if failures:
+        print("FAILED:", *failures, sep="\n  ")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
