@@ -1,0 +1,184 @@
+//! Unit tests of the parent module.
+use super::*;
+use serde_json::json;
+
+fn pod(v: Value) -> Pod {
+    serde_json::from_value(v).unwrap()
+}
+
+fn identity() -> Identity {
+    Identity {
+        client_id: "c".into(),
+        tenant_id: "t".into(),
+    }
+}
+
+fn apply(p: &Pod, ops: &[PatchOperation]) -> Value {
+    let mut doc = serde_json::to_value(p).unwrap();
+    json_patch::patch(&mut doc, ops).unwrap();
+    doc
+}
+
+#[test]
+fn annotation_keys_are_escaped_and_missing_arrays_created_whole() {
+    let p = pod(json!({"metadata": {"annotations": {"a": "b"}},
+        "spec": {"containers": [{"name": "app"}]}}));
+    let id = identity();
+    let inj = Injection {
+        identity: &id,
+        identity_header: "h",
+        token_expiration_seconds: 3600,
+    };
+    let ops = build_patch(&p, &SidecarConfig::default(), &inj);
+    let paths: Vec<String> = ops
+        .iter()
+        .map(|o| match o {
+            PatchOperation::Add(a) => a.path.to_string(),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/metadata/annotations/imds-broker.io~1injected",
+            "/spec/volumes",
+            "/spec/initContainers",
+            "/spec/containers/0/env",
+        ]
+    );
+    let doc = apply(&p, &ops);
+    assert_eq!(doc["metadata"]["annotations"][INJECTED_ANNOTATION], "true");
+    assert_eq!(
+        doc["spec"]["containers"][0]["env"][1],
+        json!({"name": "IDENTITY_HEADER", "value": "h"})
+    );
+    // Re-applying to the result is a no-op.
+    let again: Pod = serde_json::from_value(doc).unwrap();
+    assert!(build_patch(&again, &SidecarConfig::default(), &inj).is_empty());
+}
+
+#[test]
+fn containers_with_their_own_endpoint_are_left_alone() {
+    let p = pod(json!({"spec": {"containers": [
+        {"name": "own", "env": [{"name": "IDENTITY_ENDPOINT", "value": "http://x"}]},
+        {"name": "hdr", "env": [{"name": "IDENTITY_HEADER", "value": "mine"}]}
+    ]}}));
+    let id = identity();
+    let inj = Injection {
+        identity: &id,
+        identity_header: "h",
+        token_expiration_seconds: 3600,
+    };
+    let doc = apply(&p, &build_patch(&p, &SidecarConfig::default(), &inj));
+    assert_eq!(
+        doc["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let env1 = doc["spec"]["containers"][1]["env"].as_array().unwrap();
+    assert_eq!(env1.len(), 2);
+    assert_eq!(env1[1]["name"], "IDENTITY_ENDPOINT");
+}
+
+#[test]
+fn token_expiration_annotation_is_range_checked() {
+    let with = |v: &str| {
+        pod(
+            json!({"metadata": {"annotations": {TOKEN_EXPIRATION_ANNOTATION: v}},
+            "spec": {"containers": []}}),
+        )
+    };
+    assert_eq!(token_expiration(&with("7200"), 3600), Ok(7200));
+    assert_eq!(token_expiration(&with(" 86400 "), 3600), Ok(86400));
+    assert!(token_expiration(&with("3599"), 3600).is_err());
+    assert!(token_expiration(&with("86401"), 3600).is_err());
+    assert!(token_expiration(&with("1h"), 3600).is_err());
+    let none = pod(json!({"spec": {"containers": []}}));
+    assert_eq!(token_expiration(&none, 4000), Ok(4000));
+}
+
+#[test]
+fn opt_out_values() {
+    for (v, out) in [
+        ("false", true),
+        ("False", true),
+        (" off ", true),
+        ("0", true),
+        ("true", false),
+        ("", false),
+        ("maybe", false),
+    ] {
+        let p = pod(json!({"metadata": {"annotations": {INJECT_ANNOTATION: v}},
+            "spec": {"containers": []}}));
+        assert_eq!(is_opted_out(&p), out, "{v:?}");
+    }
+}
+
+#[test]
+fn optional_sidecar_settings_become_env_and_resources() {
+    let cfg = SidecarConfig {
+        authority_host: Some("https://login.microsoftonline.us".into()),
+        allow_resources: vec!["https://storage.azure.com/".into(), "https://x/".into()],
+        prefetch: vec!["https://x/".into()],
+        audience: "api://AzureADTokenExchangeUSGov".into(),
+        cpu_limit: Some("100m".into()),
+        memory_limit: None,
+        ..Default::default()
+    };
+    let id = identity();
+    let inj = Injection {
+        identity: &id,
+        identity_header: "h",
+        token_expiration_seconds: 3600,
+    };
+    let c = serde_json::to_value(sidecar_container(&cfg, &inj)).unwrap();
+    let env: BTreeMap<String, String> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().into(),
+                e["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        env["AZURE_AUTHORITY_HOST"],
+        "https://login.microsoftonline.us"
+    );
+    assert_eq!(
+        env["IMDS_BROKER_ALLOW_RESOURCES"],
+        "https://storage.azure.com/,https://x/"
+    );
+    assert_eq!(
+        env["IMDS_BROKER_TOKEN_AUDIENCE"],
+        "api://AzureADTokenExchangeUSGov"
+    );
+    assert_eq!(env["IMDS_BROKER_PREFETCH"], "https://x/");
+    assert_eq!(c["resources"]["limits"], json!({"cpu": "100m"}));
+}
+
+#[test]
+fn no_prefetch_means_no_env() {
+    let cfg = SidecarConfig {
+        prefetch: Vec::new(),
+        ..Default::default()
+    };
+    let id = identity();
+    let inj = Injection {
+        identity: &id,
+        identity_header: "h",
+        token_expiration_seconds: 3600,
+    };
+    let c = serde_json::to_value(sidecar_container(&cfg, &inj)).unwrap();
+    let names: Vec<&str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(!names.contains(&"IMDS_BROKER_PREFETCH"), "{names:?}");
+}
