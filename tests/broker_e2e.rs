@@ -1033,77 +1033,58 @@ async fn emulator_needs_no_token_file_and_issues_jwts() {
     assert_eq!(claims["imds_broker_emulated"], true);
 }
 
+/// Runs `imds-broker serve ARGS` with an empty environment; it must fail. Its stderr.
+fn serve_fails(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+        .arg("serve")
+        .args(args)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test]
 async fn bad_configuration_fails_fast_with_a_clear_message() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
-        .args([
-            "serve",
-            "--client-id",
-            "c",
-            "--tenant-id",
-            "contoso.onmicrosoft.com",
-        ])
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let tenant = "contoso.onmicrosoft.com";
+    let err = serve_fails(&["--client-id", "c", "--tenant-id", tenant]);
     assert!(err.contains("--token-file"), "{err}");
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
-        .args([
-            "serve",
-            "--emulate",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--allow-resource",
-            STORAGE,
-            "--prefetch",
-            "https://vault.azure.net",
-        ])
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_fails(&[
+        "--emulate",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--allow-resource",
+        STORAGE,
+        "--prefetch",
+        "https://vault.azure.net",
+    ]);
     assert!(err.contains("--prefetch https://vault.azure.net"), "{err}");
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
-        .args([
-            "serve",
-            "--client-id",
-            "c",
-            "--tenant-id",
-            "contoso.onmicrosoft.com",
-            "--token-file",
-            "/x",
-            "--authority-host",
-            "http://login.example",
-        ])
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("https://"));
+    let err = serve_fails(&[
+        "--client-id",
+        "c",
+        "--tenant-id",
+        tenant,
+        "--token-file",
+        "/x",
+        "--authority-host",
+        "http://login.example",
+    ]);
+    assert!(err.contains("https://"), "{err}");
 
     // A tenant that is neither a GUID nor a domain would be pasted into the authority URL.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
-        .args([
-            "serve",
-            "--client-id",
-            "c",
-            "--tenant-id",
-            "bad tenant/../",
-            "--token-file",
-            "/x",
-        ])
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_fails(&[
+        "--client-id",
+        "c",
+        "--tenant-id",
+        "bad tenant/../",
+        "--token-file",
+        "/x",
+    ]);
     assert!(err.contains("neither a directory (tenant) ID"), "{err}");
 }
 

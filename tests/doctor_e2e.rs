@@ -43,6 +43,12 @@ fn run(fake: &FakeEntra, token_file: &std::path::Path, trust_ca: bool, extra: &[
         .unwrap()
 }
 
+/// A port nothing listens on (bound, then released).
+fn unused_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -147,12 +153,7 @@ fn an_unknown_client_fails_the_exchange_with_aadsts700016() {
 fn an_unreachable_authority_fails_at_tcp() {
     let fake = FakeEntra::start();
     let (_dir, tf) = token_dir(&fake);
-    // A port nothing listens on (bound, then released).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = unused_port();
     let authority = format!("https://127.0.0.1:{port}");
     let line = broken(&doctor(
         &fake,
@@ -197,11 +198,7 @@ fn a_missing_token_file_fails_first() {
 fn no_broker_listening_fails_at_the_listener() {
     let fake = FakeEntra::start();
     let (_dir, tf) = token_dir(&fake);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = unused_port();
     let listen = format!("127.0.0.1:{port}");
     let line = broken(&doctor(&fake, &tf, &["--listen", &listen]));
     assert!(

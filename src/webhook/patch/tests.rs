@@ -127,13 +127,7 @@ fn optional_sidecar_settings_become_env_and_resources() {
         memory_limit: None,
         ..Default::default()
     };
-    let id = identity();
-    let inj = Injection {
-        identity: &id,
-        identity_header: "h",
-        token_expiration_seconds: 3600,
-    };
-    let c = serde_json::to_value(sidecar_container(&cfg, &inj)).unwrap();
+    let c = sidecar_json(&cfg);
     let env: BTreeMap<String, String> = c["env"]
         .as_array()
         .unwrap()
@@ -167,13 +161,7 @@ fn no_prefetch_means_no_env() {
         prefetch: Vec::new(),
         ..Default::default()
     };
-    let id = identity();
-    let inj = Injection {
-        identity: &id,
-        identity_header: "h",
-        token_expiration_seconds: 3600,
-    };
-    let c = serde_json::to_value(sidecar_container(&cfg, &inj)).unwrap();
+    let c = sidecar_json(&cfg);
     let names: Vec<&str> = c["env"]
         .as_array()
         .unwrap()
@@ -181,4 +169,15 @@ fn no_prefetch_means_no_env() {
         .map(|e| e["name"].as_str().unwrap())
         .collect();
     assert!(!names.contains(&"IMDS_BROKER_PREFETCH"), "{names:?}");
+}
+
+/// The sidecar container for `cfg`, as JSON.
+fn sidecar_json(cfg: &SidecarConfig) -> serde_json::Value {
+    let id = identity();
+    let inj = Injection {
+        identity: &id,
+        identity_header: "h",
+        token_expiration_seconds: 3600,
+    };
+    serde_json::to_value(sidecar_container(cfg, &inj)).unwrap()
 }
