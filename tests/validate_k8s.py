@@ -65,11 +65,11 @@ def kube_versions():
 
 
 def match_labels_from_source():
-    """The webhook's default --match-label keys, read from src/webhook/mod.rs."""
-    with open(os.path.join(ROOT, "src/webhook/mod.rs")) as f:
+    """The webhook's default --match-label keys, read from src/webhook/args.rs."""
+    with open(os.path.join(ROOT, "src/webhook/args.rs")) as f:
         text = f.read()
     block = re.search(r"DEFAULT_MATCH_LABELS: &\[&str\] = &\[(.*?)\];", text, re.S)
-    assert block, "DEFAULT_MATCH_LABELS not found in src/webhook/mod.rs"
+    assert block, "DEFAULT_MATCH_LABELS not found in src/webhook/args.rs"
     return sorted(re.findall(r'"([^"]+)"', block.group(1)))
 
 

@@ -32,7 +32,7 @@ BROKER_BIN = Path(os.environ.get("IMDS_BROKER_BIN", TARGET / "debug" / "imds-bro
 
 # Azurite's built-in account (its well-known development account; path-style URLs).
 ACCOUNT = "devstoreaccount1"
-# Defaults of `serve --emulate` (src/serve.rs).
+# Defaults of `serve --emulate` (src/serve/mod.rs).
 EMULATOR_CLIENT_ID = "11111111-1111-1111-1111-111111111111"
 EMULATOR_TENANT_ID = "22222222-2222-2222-2222-222222222222"
 STORAGE_IDENTITY_HEADER = "storage-e2e-identity-header-5ecr3t"

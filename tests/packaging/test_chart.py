@@ -67,13 +67,17 @@ def template(*sets, namespace=NAMESPACE):
     return [d for d in yaml.safe_load_all(out) if d]
 
 
-def kustomize(overlay):
-    """The overlay rendered the way the README says: image set with `kustomize edit`."""
+def kustomize(overlay, components=()):
+    """The overlay rendered the way the README says: image set with `kustomize edit`, and
+    `components` added with `kustomize edit add component`."""
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(ROOT / "deploy", os.path.join(tmp, "deploy"))
         kdir = os.path.join(tmp, "deploy", "overlays", overlay)
         subprocess.run([str(KUSTOMIZE), "edit", "set", "image", f"imds-broker={IMAGE}"],
                        cwd=kdir, check=True, capture_output=True)
+        for c in components:
+            subprocess.run([str(KUSTOMIZE), "edit", "add", "component", f"../../components/{c}"],
+                           cwd=kdir, check=True, capture_output=True)
         out = subprocess.run([str(KUSTOMIZE), "build", kdir], check=True,
                              capture_output=True, text=True).stdout
     return [d for d in yaml.safe_load_all(out) if d]
@@ -249,6 +253,14 @@ def test_rendered_objects_are_valid(mode):
 def test_chart_equals_cert_manager_overlay():
     chart = template(f"image.repository={REPO}", "namespace.create=true")
     assert_equivalent(chart, kustomize("cert-manager"))
+
+
+def test_network_policy_component_equals_the_charts():
+    chart = template(f"image.repository={REPO}", "namespace.create=true",
+                     "networkPolicy.enabled=true")
+    docs = kustomize("cert-manager", components=["network-policy"])
+    assert any(d["kind"] == "NetworkPolicy" for d in docs)
+    assert_equivalent(chart, docs)
 
 
 def test_chart_self_signed_equals_manual_tls_overlay_plus_its_certificate():
