@@ -24,10 +24,11 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
 
-    /// Worker threads of the async runtime. Default: 2 (1 on a single CPU), or Tokio's
-    /// TOKIO_WORKER_THREADS when that is set. One pod's token traffic needs no more, and
-    /// Tokio's own default, one worker per CPU of the node, cost every pod on a 64-CPU node
-    /// 64 threads and +0.9 MiB of memory.
+    /// Worker threads of the async runtime. Default: 1 for `serve` (one pod's token traffic;
+    /// a second worker only adds cross-CPU wake-ups on the hot path), 2 for the other commands
+    /// (1 on a single CPU), or Tokio's TOKIO_WORKER_THREADS when that is set. Tokio's own
+    /// default, one worker per CPU of the node, cost every pod on a 64-CPU node 64 threads
+    /// and +0.9 MiB of memory.
     #[arg(
         long,
         global = true,
@@ -48,6 +49,11 @@ impl Cli {
         }
         if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
             return None;
+        }
+        if matches!(self.command, Command::Serve(_)) {
+            // At one connection a second worker made the broker slower than nginx, every
+            // request waking the idle worker on the other CPU (bench/RESULTS.md).
+            return Some(1);
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Some(cpus.min(2))
@@ -73,10 +79,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn worker_threads_default_to_at_most_two_and_can_be_set() {
+    fn worker_threads_default_to_one_for_serve_and_can_be_set() {
         let cli = Cli::try_parse_from(["imds-broker", "serve", "--emulate"]).unwrap();
         if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-            let n = cli.workers().unwrap();
+            assert_eq!(cli.workers(), Some(1));
+            let hook = Cli::try_parse_from(["imds-broker", "webhook", "--sidecar-image", "i"]);
+            let n = hook.unwrap().workers().unwrap();
             assert!((1..=2).contains(&n), "{n}");
         }
         let cli =
