@@ -242,7 +242,7 @@ def read_line(stream, timeout):
 
 class Broker:
     def __init__(self, procs, binary, out, name, fake=None, cpu=None, workers=None,
-                 extra=()):
+                 extra=(), preexec=None):
         self.port, self.admin = free_port(), free_port()
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
@@ -255,7 +255,8 @@ class Broker:
         self.argv += list(extra)
         self.log = out / f"broker-{name}.log"
         self.proc = procs.start(pinned(self.argv, cpu), env=env, stdin=subprocess.DEVNULL,
-                                stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+                                stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                preexec_fn=preexec)
         self.pid = self.proc.pid  # taskset execs the broker: same PID
         wait_until(f"broker {name} /readyz", self.ready, 15)
 

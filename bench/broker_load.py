@@ -22,6 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench  # noqa: E402  (process registry, fake Entra and broker launchers)
+from cgroup import MemoryLimit  # noqa: E402
+
+LIMIT = 32 * 1024 * 1024  # the sidecar's memory limit the webhook injects
 
 
 def main():
@@ -30,9 +33,13 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     procs = bench.Procs()
     failures = []
+    cg = MemoryLimit("imds-broker-load", LIMIT)
     try:
         fake = bench.Fake(procs, fake_bin, delay_ms=500)
-        broker = bench.Broker(procs, broker_bin, out, "load", fake=fake)
+        if not cg.available:
+            print(f"memory limit not applied: {cg.why}")
+        broker = bench.Broker(procs, broker_bin, out, "load", fake=fake,
+                              preexec=cg.preexec() if cg.available else None)
         pid = broker.pid
         idle = bench.vm_kib(pid, "VmRSS")
         probes, stop = [], threading.Event()
@@ -83,8 +90,15 @@ def main():
             failures.append(f"cold callers: {answers}")
         if worst > 1.0 or any(s != 200 for s, _ in probes):
             failures.append(f"probes: slowest {worst:.3f} s")
+        if cg.available:
+            kills = cg.oom_kills()
+            print(f"inside a {LIMIT >> 20} MiB memory cgroup: peak charge "
+                  f"{(cg.peak_bytes() or 0) / 2**20:.1f} MiB, OOM kills {kills}")
+            if kills or broker.proc.poll() is not None:
+                failures.append(f"the broker did not survive its {LIMIT >> 20} MiB limit")
     finally:
         procs.stop_all()
+        cg.close()
     if failures:
         print("FAILED:", *failures, sep="\n  ")
         sys.exit(1)
