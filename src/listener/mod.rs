@@ -13,17 +13,15 @@ use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
-// Tokio's clock: the same as std's, except that tests can pause it.
-use tokio::time::Instant;
+use tokio::sync::{watch, Semaphore};
 
+mod conns;
 mod framing_errors;
+use conns::{Conns, EVICTABLE_AFTER};
 pub use framing_errors::FramingErrorBody;
 use framing_errors::FramingErrors;
 
@@ -270,122 +268,6 @@ pub async fn serve_with<W, WF, IO, H, F>(
     }
 }
 
-/// How long a connection must have been idle before it may be evicted at the cap.
-const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
-
-/// One connection's state, seen by the accept loop.
-struct Conn {
-    deadline: HeadDeadline,
-    /// Closes the connection when it is not answering a request.
-    evict: Notify,
-}
-
-/// The open connections of one listener, for eviction at the cap and at shutdown.
-#[derive(Default)]
-struct Conns(Mutex<Vec<Weak<Conn>>>);
-
-impl Conns {
-    fn add(&self) -> Arc<Conn> {
-        let conn = Arc::new(Conn {
-            deadline: HeadDeadline::new(),
-            evict: Notify::new(),
-        });
-        let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        all.retain(|c| c.strong_count() > 0);
-        all.push(Arc::downgrade(&conn));
-        conn
-    }
-
-    /// Closes the connection that has waited longest for a request head, if any has waited
-    /// [`EVICTABLE_AFTER`]: a burst of new callers, whose heads arrive within milliseconds,
-    /// waits for slots instead of evicting each other.
-    fn evict_idlest(&self) {
-        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let cutoff = Instant::now().checked_sub(EVICTABLE_AFTER);
-        let idlest = all
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter_map(|c| c.deadline.idle_since().map(|since| (since, c)))
-            .filter(|(since, _)| cutoff.is_some_and(|cut| *since <= cut))
-            .min_by_key(|(since, _)| *since);
-        if let Some((_, conn)) = idlest {
-            conn.evict.notify_one();
-        }
-    }
-
-    /// Closes every connection that is not answering a request.
-    fn evict_idle(&self) {
-        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        for conn in all.iter().filter_map(Weak::upgrade) {
-            if conn.deadline.idle_since().is_some() {
-                conn.evict.notify_one();
-            }
-        }
-    }
-}
-
-/// The request-head deadline of one connection, kept without a timer per request.
-///
-/// hyper's own `header_read_timeout` boxes a sleep for every request head and registers and
-/// cancels it in the timer wheel: ~1,600 instructions per request, a tenth of the broker's
-/// whole hot path (bench/RESULTS.md). Here a request costs two stores and a clock read; the
-/// connection's one sleep is moved only when it fires. While a request is being answered the
-/// deadline does not run (the handler bounds its own time); once the answer is ready the
-/// next head must arrive in time, so a client that stops reading answers is closed too.
-struct HeadDeadline {
-    opened: Instant,
-    /// Milliseconds from `opened` to the moment the connection last became idle (opened, or
-    /// an answer was ready); [`HeadDeadline::BUSY`] while a request is being answered.
-    idle_since_ms: AtomicU64,
-}
-
-impl HeadDeadline {
-    const BUSY: u64 = u64::MAX;
-
-    fn new() -> Self {
-        HeadDeadline {
-            opened: Instant::now(),
-            idle_since_ms: AtomicU64::new(0),
-        }
-    }
-
-    /// A complete request head arrived: the deadline stops.
-    fn answering(&self) {
-        self.idle_since_ms.store(Self::BUSY, Ordering::Relaxed);
-    }
-
-    /// The answer is ready: the next head is due within the limit from now.
-    fn answered(&self) {
-        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(Self::BUSY - 1);
-        self.idle_since_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// When the connection last became idle; `None` while a request is being answered.
-    fn idle_since(&self) -> Option<Instant> {
-        match self.idle_since_ms.load(Ordering::Relaxed) {
-            Self::BUSY => None,
-            ms => Some(self.opened + Duration::from_millis(ms)),
-        }
-    }
-
-    /// Resolves once the connection has been idle for `limit` without a complete head.
-    async fn missed(&self, limit: Duration) {
-        let mut sleep = pin!(tokio::time::sleep_until(self.opened + limit));
-        loop {
-            sleep.as_mut().await;
-            let now = Instant::now();
-            let due = match self.idle_since_ms.load(Ordering::Relaxed) {
-                Self::BUSY => now + limit,
-                ms => self.opened + Duration::from_millis(ms) + limit,
-            };
-            if due <= now {
-                return;
-            }
-            sleep.as_mut().reset(due);
-        }
-    }
-}
-
 /// A JSON response with the given status.
 pub fn json_response(status: hyper::StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     // Built directly with a static header value: `Response::builder().header(.., &str)`
@@ -426,40 +308,5 @@ pub async fn termination_signal() {
             // Without signal handlers (should not happen on Linux) fall back to Ctrl-C only.
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_connection_misses_its_deadline_after_the_limit() {
-        let d = HeadDeadline::new();
-        let limit = Duration::from_secs(30);
-        d.missed(limit).await;
-        assert_eq!(d.opened.elapsed(), limit);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_deadline_stops_while_answering_and_restarts_after_the_answer() {
-        let d = HeadDeadline::new();
-        let limit = Duration::from_secs(30);
-        d.answering();
-        // Busy for three limits: not missed.
-        let busy = tokio::time::timeout(3 * limit, d.missed(limit)).await;
-        assert!(
-            busy.is_err(),
-            "a request being answered must not close the connection"
-        );
-        d.answered();
-        let answered_at = Instant::now();
-        d.missed(limit).await;
-        // Restarted from the answer (to the millisecond it is recorded with).
-        let idle = answered_at.elapsed();
-        assert!(
-            idle >= limit - Duration::from_millis(1) && idle <= limit,
-            "{idle:?}"
-        );
     }
 }
