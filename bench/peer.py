@@ -82,6 +82,7 @@ class Forwarder:
 
     def __init__(self, cert, key, fake_port, fake_ca, port=443):
         self.fake_port, self.connections, self.requests = fake_port, 0, []
+        self.answer_ms, self.tasks = [], set()
         self.server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.server_ctx.load_cert_chain(cert, key)
         self.client_ctx = ssl.create_default_context(cafile=str(fake_ca))
@@ -108,6 +109,8 @@ class Forwarder:
 
     async def handle(self, reader, writer):
         self.connections += 1
+        accepted = time.monotonic()
+        self.tasks.add(asyncio.current_task())
         try:
             ur, uw = await asyncio.open_connection("127.0.0.1", self.fake_port, ssl=self.client_ctx,
                                                    server_hostname="localhost")
@@ -120,6 +123,9 @@ class Forwarder:
                 while data := await r.read(65536):
                     if record and data[:4] in (b"GET ", b"POST"):
                         self.requests.append(data.split(b"\r\n", 1)[0].decode(errors="replace"))
+                    if not record and data[:5] == b"HTTP/":
+                        # TLS accept to the first answer byte: what the detour costs the peer.
+                        self.answer_ms.append(round((time.monotonic() - accepted) * 1000, 2))
                     w.write(data)
                     await w.drain()
             except (OSError, ssl.SSLError):
@@ -129,12 +135,17 @@ class Forwarder:
                     w.close()
                 except (OSError, RuntimeError):
                     pass
-        await asyncio.gather(pipe(reader, uw, True), pipe(ur, writer, False))
+        try:
+            await asyncio.gather(pipe(reader, uw, True), pipe(ur, writer, False))
+        finally:
+            self.tasks.discard(asyncio.current_task())
 
     def close(self):
         def stop():
             self.server.close()
-            self.loop.stop()
+            for t in self.tasks:
+                t.cancel()
+            self.loop.call_soon(self.loop.stop)
         self.loop.call_soon_threadsafe(stop)
         self.thread.join(5)
 
@@ -243,6 +254,8 @@ def cold(cfg, procs, out, paths, pin, kind, ca_bundle=None, hosts=None, forwarde
         else:
             fwd = Forwarder(forwarder_state["cert"], forwarder_state["key"], fake_port(fake),
                             fake.info["ca_file"])
+            # Every fake Entra makes its own CA: this one's, plus the forwarder's.
+            ca_bundle = ca_bundle_for(out, fake, forwarder_state["ca"], "cold")
             srv = Peer(procs, paths["peer"], out, "cold", fake, ca_bundle, hosts, cpu=pin[1])
         before = fake.calls()
         r = B.burst(paths, srv.port, cfg["cold_n"], pin[0])
@@ -251,12 +264,20 @@ def cold(cfg, procs, out, paths, pin, kind, ca_bundle=None, hosts=None, forwarde
         r["peak_rss_kib"] = B.vm_kib(srv.pid, "VmHWM")
         if fwd:
             r["discovery_requests"] = list(fwd.requests)
+            r["discovery_answer_ms"] = list(fwd.answer_ms)
         procs.stop(srv.proc)
     finally:
         if fwd:
             fwd.close()
         procs.stop(fake.proc)
     return r
+
+
+def ca_bundle_for(out, fake, forwarder_ca, name):
+    """SSL_CERT_FILE for the proxy: the fake Entra's CA and the discovery forwarder's."""
+    p = out / f"peer-ca-bundle-{name}.pem"
+    p.write_text(Path(fake.info["ca_file"]).read_text() + Path(forwarder_ca).read_text())
+    return p
 
 
 def fake_port(fake):
@@ -298,9 +319,8 @@ def proxy_part(cfg, procs, out, paths, pin, res):
     pki = make_ca_and_cert(out / "peer-pki", DISCOVERY_HOST)
     hosts = hosts_file(out)
     fake = B.Fake(procs, paths["fake"], cpu=pin[0])
-    bundle = out / "peer-ca-bundle.pem"
-    bundle.write_text(Path(fake.info["ca_file"]).read_text() + pki[0].read_text())
-    fstate = {"cert": pki[1], "key": pki[2]}
+    bundle = ca_bundle_for(out, fake, pki[0], "hot")
+    fstate = {"ca": pki[0], "cert": pki[1], "key": pki[2]}
     fwd = Forwarder(pki[1], pki[2], fake_port(fake), fake.info["ca_file"])
     workers = 1 if pin[1] is not None else None
     broker = B.Broker(procs, paths["broker"], out, "peer-hot", fake=fake, cpu=pin[1], workers=workers)
@@ -343,7 +363,7 @@ def proxy_part(cfg, procs, out, paths, pin, res):
     }
     log(f"cold path: {cfg['cold_n']} concurrent first requests, broker then azwi-proxy")
     res["cold"] = {"broker": cold(cfg, procs, out, paths, pin, "broker"),
-                   "azwi-proxy": cold(cfg, procs, out, paths, pin, "peer", bundle, hosts, fstate)}
+                   "azwi-proxy": cold(cfg, procs, out, paths, pin, "peer", None, hosts, fstate)}
 
 
 # ---------------------------------------------------------------- report
@@ -402,8 +422,9 @@ def render(res):
         L.append("| cold: first request written → first / p50 / p99 / last answer, ms | " + " | ".join(
             "{min:.1f} / {p50:.1f} / {p99:.1f} / {max:.1f}".format(**c[k]["latency_ms"]) for k in ("broker", "azwi-proxy")) + " | |")
         L.append(f"| cold: peak RSS, MiB | {mib(c['broker']['peak_rss_kib']):.2f} | {mib(c['azwi-proxy']['peak_rss_kib']):.2f} | |")
-        L.append(f"| cold: instance-discovery requests (login.microsoftonline.com) | 0 | "
-                 f"{len(c['azwi-proxy'].get('discovery_requests', []))} | |")
+        L.append(f"| cold: instance-discovery requests (login.microsoftonline.com), TLS accept → answer ms | — | "
+                 f"{len(c['azwi-proxy'].get('discovery_requests', []))}: "
+                 f"{', '.join(str(x) for x in c['azwi-proxy'].get('discovery_answer_ms', []))} | |")
     if "startup" in res:
         st = res["startup"]
         L.append(f"| start-up to /readyz 200, median (min–max) of {len(st['broker']['runs_ms'])}, ms | " + " | ".join(

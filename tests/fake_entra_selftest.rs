@@ -284,6 +284,20 @@ async fn malformed_requests_get_entra_errors() {
         ..TokenRequest::valid(&fake)
     };
     expect_aad_error(&fake, &bad_scope, 1002012, "invalid_scope").await;
+    // MSAL's OpenID Connect scopes beside the resource are ignored (MSAL for Go always sends
+    // them), but they are no resource on their own and do not make two resources valid.
+    let msal = TokenRequest {
+        scope: format!("{STORAGE_SCOPE} openid offline_access profile"),
+        ..TokenRequest::valid(&fake)
+    };
+    assert_eq!(exchange(&fake, &msal).await.0, 200);
+    for scope in ["openid offline_access profile", &format!("{STORAGE_SCOPE} {ARM_SCOPE} openid")] {
+        let req = TokenRequest {
+            scope: scope.to_string(),
+            ..TokenRequest::valid(&fake)
+        };
+        expect_aad_error(&fake, &req, 1002012, "invalid_scope").await;
+    }
 
     let response = post_raw(&fake, &client, &fake.tenant_id(), "client_id=x".to_string())
         .await
@@ -525,6 +539,11 @@ async fn instance_discovery_names_the_tenant_discovery_endpoint_of_the_authority
     // The endpoint it names is served and leads to the token endpoint.
     let oidc: Value = client.get(&tde).send().await.unwrap().json().await.unwrap();
     assert_eq!(oidc["token_endpoint"], fake.token_url().as_str());
+    assert_eq!(
+        oidc["authorization_endpoint"],
+        authorize.as_str(),
+        "MSAL for Go refuses a document without it"
+    );
     // Without a valid authorization endpoint: Entra's invalid_instance.
     let bad = client
         .get(&url)

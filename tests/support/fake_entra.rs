@@ -622,7 +622,8 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
     if let Some(tenant) = discovery_tenant(req.uri().path()) {
         lock(&shared.stats).discovery += 1;
         shared.bump_stats();
-        // The two fields that matter; the real document has many more.
+        // The fields clients read (MSAL for Go refuses a document without any of the three);
+        // the real document has many more.
         let host = req
             .headers()
             .get(hyper::header::HOST)
@@ -631,6 +632,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
         let doc = serde_json::json!({
             "issuer": format!("https://{host}/{tenant}/v2.0"),
             "token_endpoint": format!("https://{host}/{tenant}/oauth2/v2.0/token"),
+            "authorization_endpoint": format!("https://{host}/{tenant}/oauth2/v2.0/authorize"),
         });
         let ctx = ErrorContext {
             correlation_id: guid(),
@@ -919,9 +921,14 @@ fn validate_and_issue(
 }
 
 /// `https://storage.azure.com//.default` → `https://storage.azure.com/`. Client-credential
-/// requests must carry exactly one `<resource>/.default` scope.
+/// requests must carry exactly one `<resource>/.default` scope. The OpenID Connect scopes
+/// MSAL adds to every request (`openid offline_access profile`: MSAL for Go sends
+/// `<resource>/.default openid offline_access profile`) are accepted and ignored, as Entra does
+/// in this flow (it issues neither an ID token nor a refresh token for it).
 fn scope_resource(scope: &str) -> Option<&str> {
-    let mut scopes = scope.split_whitespace();
+    let mut scopes = scope
+        .split_whitespace()
+        .filter(|s| !matches!(*s, "openid" | "offline_access" | "profile"));
     let only = scopes.next()?;
     if scopes.next().is_some() {
         return None;
