@@ -399,8 +399,9 @@ def render(res):
                          f"{row['p50_us']:.0f} | {row['p99_us']:.0f} | {row['p999_us']:.0f} | "
                          f"{row['server_cpu_us_per_req']:.1f} | {row['errors']} |")
         L.append("")
-    L.append("| measurement | broker | azwi-proxy | nginx |")
-    L.append("|---|---:|---:|---:|")
+    if "idle" in res or "cold" in res or "startup" in res:
+        L.append("| measurement | broker | azwi-proxy | nginx |")
+        L.append("|---|---:|---:|---:|")
     if "idle" in res:
         i = res["idle"]
         L.append("| RSS idle after the first token, MiB | " + " | ".join(
@@ -447,7 +448,7 @@ def render(res):
 
 def render_webhook(w):
     L = [f"Webhook: one AdmissionReview ({w['review_bytes']} bytes, {w['fixture']}) POSTed over "
-         f"keep-alive TLS connections by the same client (examples/bench_client review), "
+         f"keep-alive TLS connections by the same client (wrk -t1, bench/report.lua), "
          f"{w['secs']} s per level, median of {w['rounds']} interleaved rounds. Patch: "
          + "; ".join(f"{n} {w['patch'][n]['ops']} ops / {w['patch'][n]['bytes']} bytes" for n in w["patch"]), "",
          "| concurrent reviews | webhook | reviews/s | ×ours | p50 ms | p99 ms | errors | RSS peak MiB |",

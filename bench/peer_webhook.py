@@ -110,6 +110,18 @@ def check_patch(name, answer):
     return ops, len(raw)
 
 
+def redact(v):
+    """The patch with every IDENTITY_HEADER value replaced: the identity header is a secret
+    and never goes to a file or log, even a benchmark's."""
+    if isinstance(v, list):
+        return [redact(x) for x in v]
+    if isinstance(v, dict):
+        if v.get("name") == "IDENTITY_HEADER" and "value" in v:
+            return {**v, "value": "<redacted>"}
+        return {k: redact(x) for k, x in v.items()}
+    return v
+
+
 def describe(ops):
     """`op path` per operation, with the names of containers/volumes/env added."""
     out = []
@@ -160,7 +172,9 @@ def ours(procs, paths, cp, tls, token_file, out, cpu, port=None, admin=None):
 def azwi(procs, paths, cp, tls, out, cpu, health=None):
     health = health or B.free_port()
     env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": cp.kubeconfig,
-           "AZURE_TENANT_ID": TENANT_ID, "POD_NAMESPACE": "azure-workload-identity-system"}
+           "AZURE_TENANT_ID": TENANT_ID, "POD_NAMESPACE": "azure-workload-identity-system",
+           # The image names its Helm chart sets (here without a registry host).
+           "PROXY_IMAGE": "azwi-proxy:v1.6.0", "PROXY_INIT_IMAGE": "azwi-proxy-init:v1.6.0"}
     argv = [str(paths["peer_webhook"]), "--disable-cert-rotation", f"--webhook-cert-dir={tls}",
             f"--health-addr=127.0.0.1:{health}", f"--metrics-addr=127.0.0.1:{B.free_port()}"]
     return argv, env, AZWI_PORT, "/mutate-v1-pod", health
@@ -238,7 +252,7 @@ def run(cfg, procs, out, paths, pin):
             hooks[n] = Webhook(procs, n, argv, env, port, path, ready, out, pin[1])
             ops, nbytes = check_patch(n, post_review(port, path, body, ca))
             res["patch"][n] = {"ops": len(ops), "bytes": nbytes, "operations": describe(ops)}
-            (out / f"webhook-patch-{n}.json").write_text(json.dumps(ops, indent=1))
+            (out / f"webhook-patch-{n}.json").write_text(json.dumps(redact(ops), indent=1))
         time.sleep(1)
         for n, h in hooks.items():
             res["idle_rss_kib"][n] = B.vm_kib(h.pid, "VmRSS")
