@@ -284,20 +284,6 @@ async fn malformed_requests_get_entra_errors() {
         ..TokenRequest::valid(&fake)
     };
     expect_aad_error(&fake, &bad_scope, 1002012, "invalid_scope").await;
-    // MSAL's OpenID Connect scopes beside the resource are ignored (MSAL for Go always sends
-    // them), but they are no resource on their own and do not make two resources valid.
-    let msal = TokenRequest {
-        scope: format!("{STORAGE_SCOPE} openid offline_access profile"),
-        ..TokenRequest::valid(&fake)
-    };
-    assert_eq!(exchange(&fake, &msal).await.0, 200);
-    for scope in ["openid offline_access profile", &format!("{STORAGE_SCOPE} {ARM_SCOPE} openid")] {
-        let req = TokenRequest {
-            scope: scope.to_string(),
-            ..TokenRequest::valid(&fake)
-        };
-        expect_aad_error(&fake, &req, 1002012, "invalid_scope").await;
-    }
 
     let response = post_raw(&fake, &client, &fake.tenant_id(), "client_id=x".to_string())
         .await
@@ -522,15 +508,17 @@ async fn instance_discovery_names_the_tenant_discovery_endpoint_of_the_authority
     let tenant = fake.tenant_id();
     let url = format!("{}/common/discovery/instance", fake.authority());
     let authorize = format!("https://{host}/{tenant}/oauth2/v2.0/authorize");
-    let r = client
-        .get(&url)
-        .query(&[("api-version", "1.1"), ("authorization_endpoint", &authorize)])
-        .send()
-        .await
-        .unwrap();
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("api-version", "1.1")
+        .append_pair("authorization_endpoint", &authorize)
+        .finish();
+    let r = client.get(format!("{url}?{query}")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let doc: Value = r.json().await.unwrap();
-    let tde = doc["tenant_discovery_endpoint"].as_str().unwrap().to_string();
+    let tde = doc["tenant_discovery_endpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(
         tde,
         format!("https://{host}/{tenant}/v2.0/.well-known/openid-configuration")
@@ -546,8 +534,7 @@ async fn instance_discovery_names_the_tenant_discovery_endpoint_of_the_authority
     );
     // Without a valid authorization endpoint: Entra's invalid_instance.
     let bad = client
-        .get(&url)
-        .query(&[("authorization_endpoint", "not-a-url")])
+        .get(format!("{url}?authorization_endpoint=not-a-url"))
         .send()
         .await
         .unwrap();
@@ -556,4 +543,26 @@ async fn instance_discovery_names_the_tenant_discovery_endpoint_of_the_authority
     assert_eq!(err["error"], "invalid_instance");
     // Neither is a token call.
     assert_eq!(fake.calls(), 0);
+}
+
+#[tokio::test]
+async fn msal_openid_scopes_beside_the_resource_are_ignored() {
+    let fake = FakeEntra::start();
+    // MSAL's OpenID Connect scopes beside the resource are ignored (MSAL for Go always sends
+    // them), but they are no resource on their own and do not make two resources valid.
+    let msal = TokenRequest {
+        scope: format!("{STORAGE_SCOPE} openid offline_access profile"),
+        ..TokenRequest::valid(&fake)
+    };
+    assert_eq!(exchange(&fake, &msal).await.0, 200);
+    for scope in [
+        "openid offline_access profile",
+        &format!("{STORAGE_SCOPE} {ARM_SCOPE} openid"),
+    ] {
+        let req = TokenRequest {
+            scope: scope.to_string(),
+            ..TokenRequest::valid(&fake)
+        };
+        expect_aad_error(&fake, &req, 1002012, "invalid_scope").await;
+    }
 }
