@@ -110,7 +110,8 @@ class Forwarder:
     async def handle(self, reader, writer):
         self.connections += 1
         accepted = time.monotonic()
-        self.tasks.add(asyncio.current_task())
+        task = asyncio.current_task()
+        self.tasks.add(task)
         try:
             ur, uw = await asyncio.open_connection("127.0.0.1", self.fake_port, ssl=self.client_ctx,
                                                    server_hostname="localhost")
@@ -138,16 +139,22 @@ class Forwarder:
         try:
             await asyncio.gather(pipe(reader, uw, True), pipe(ur, writer, False))
         finally:
-            self.tasks.discard(asyncio.current_task())
+            self.tasks.discard(task)
+
+    async def _shutdown(self):
+        self.server.close()
+        tasks = [t for t in self.tasks if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def close(self):
-        def stop():
-            self.server.close()
-            for t in self.tasks:
-                t.cancel()
-            self.loop.call_soon(self.loop.stop)
-        self.loop.call_soon_threadsafe(stop)
-        self.thread.join(5)
+        """Stops listening, ends open connections, then the loop and its thread."""
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
 
 
 # ---------------------------------------------------------------- azwi-proxy

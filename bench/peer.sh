@@ -46,7 +46,10 @@ status=0
     --broker "$dir/imds-broker" --client "$dir/examples/bench_client" --fake "$dir/examples/fake_entra" \
     --peer "$peer/azwi-proxy" --peer-webhook "$peer/azwi-webhook" --peer-version "$version" \
     "${k8s_args[@]}" "$@" || status=$?
+# The committed plot is the full run's; a smoke run's plot stays in bench/out.
+plot=bench/peer.png
+case " $* " in *" --mode smoke "*|*" --mode=smoke "*) plot=bench/out/peer.png ;; esac
 if [ -f bench/out/peer.json ]; then
-    .venv/bin/python bench/peer_plot.py bench/out/peer.json bench/peer.png
+    .venv/bin/python bench/peer_plot.py bench/out/peer.json "$plot"
 fi
 exit $status
