@@ -4,10 +4,10 @@
 # azwi-webhook v1.6.0 (bench/peer/build.sh) and, for the webhook part, the kube-apiserver +
 # etcd the cluster tests use (scripts/test-cluster.sh builds them; here it is called with
 # pytest's --collect-only, so it builds and caches but runs no test), then runs bench/peer.py
-# and plots bench/peer.png. Not part of the test run: a cold build takes ~15 minutes.
+# and plots bench/peer.png. Not part of the test run: a cold build takes ~15-25 minutes.
 #
-#   bench/peer.sh                      # full run (~12 minutes warm)
-#   bench/peer.sh --mode smoke         # ~2-minute scaled-down run
+#   bench/peer.sh                      # full run (~7 minutes of measuring, once built)
+#   bench/peer.sh --mode smoke         # ~1-minute scaled-down run (plot in bench/out)
 #   bench/peer.sh --only proxy         # skip the webhook part (and the Kubernetes build)
 #
 # Extra arguments go to bench/peer.py. BENCH_WAIT_QUIET (seconds, default 1800) bounds the
