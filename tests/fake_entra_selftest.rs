@@ -498,3 +498,71 @@ fn works_without_an_async_runtime_and_writes_token_files() {
     assert!(fake.ca_file().exists());
     assert!(fake.authority().starts_with("https://localhost:"));
 }
+
+#[tokio::test]
+async fn instance_discovery_names_the_tenant_discovery_endpoint_of_the_authority() {
+    // MSAL for Go asks this before the openid-configuration when it does not know the host.
+    let fake = FakeEntra::start();
+    let client = fake.http_client();
+    let host = fake.authority().trim_start_matches("https://").to_string();
+    let tenant = fake.tenant_id();
+    let url = format!("{}/common/discovery/instance", fake.authority());
+    let authorize = format!("https://{host}/{tenant}/oauth2/v2.0/authorize");
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("api-version", "1.1")
+        .append_pair("authorization_endpoint", &authorize)
+        .finish();
+    let r = client.get(format!("{url}?{query}")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let doc: Value = r.json().await.unwrap();
+    let tde = doc["tenant_discovery_endpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        tde,
+        format!("https://{host}/{tenant}/v2.0/.well-known/openid-configuration")
+    );
+    assert_eq!(doc["metadata"][0]["aliases"][0], host.as_str());
+    // The endpoint it names is served and leads to the token endpoint.
+    let oidc: Value = client.get(&tde).send().await.unwrap().json().await.unwrap();
+    assert_eq!(oidc["token_endpoint"], fake.token_url().as_str());
+    assert_eq!(
+        oidc["authorization_endpoint"],
+        authorize.as_str(),
+        "MSAL for Go refuses a document without it"
+    );
+    // Without a valid authorization endpoint: Entra's invalid_instance.
+    let bad = client
+        .get(format!("{url}?authorization_endpoint=not-a-url"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let err: Value = bad.json().await.unwrap();
+    assert_eq!(err["error"], "invalid_instance");
+    // Neither is a token call.
+    assert_eq!(fake.calls(), 0);
+}
+
+#[tokio::test]
+async fn msal_openid_scopes_beside_the_resource_are_ignored() {
+    let fake = FakeEntra::start();
+    // MSAL's OpenID Connect scopes beside the resource are ignored (MSAL for Go always sends
+    // them), but they are no resource on their own and do not make two resources valid.
+    let msal = TokenRequest {
+        scope: format!("{STORAGE_SCOPE} openid offline_access profile"),
+        ..TokenRequest::valid(&fake)
+    };
+    assert_eq!(exchange(&fake, &msal).await.0, 200);
+    for scope in [
+        "openid offline_access profile",
+        &format!("{STORAGE_SCOPE} {ARM_SCOPE} openid"),
+    ] {
+        let req = TokenRequest {
+            scope: scope.to_string(),
+            ..TokenRequest::valid(&fake)
+        };
+        expect_aad_error(&fake, &req, 1002012, "invalid_scope").await;
+    }
+}

@@ -622,7 +622,8 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
     if let Some(tenant) = discovery_tenant(req.uri().path()) {
         lock(&shared.stats).discovery += 1;
         shared.bump_stats();
-        // The two fields that matter; the real document has many more.
+        // The fields clients read (MSAL for Go refuses a document without any of the three);
+        // the real document has many more.
         let host = req
             .headers()
             .get(hyper::header::HOST)
@@ -631,11 +632,15 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
         let doc = serde_json::json!({
             "issuer": format!("https://{host}/{tenant}/v2.0"),
             "token_endpoint": format!("https://{host}/{tenant}/oauth2/v2.0/token"),
+            "authorization_endpoint": format!("https://{host}/{tenant}/oauth2/v2.0/authorize"),
         });
         let ctx = ErrorContext {
             correlation_id: guid(),
         };
         return json_response(StatusCode::OK, &doc, &ctx, None);
+    }
+    if req.uri().path() == INSTANCE_DISCOVERY_PATH {
+        return instance_discovery(req.uri().query().unwrap_or(""));
     }
     let Some(tenant) = token_endpoint_tenant(req.uri().path()) else {
         return plain(
@@ -719,6 +724,51 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
         // Reset was handled above.
         Some(Fault::Reset) | None => exchange(shared, &method, &tenant, form, call_number, &ctx),
     }
+}
+
+/// Entra's instance discovery, which MSAL (e.g. MSAL for Go under azidentity) calls once per
+/// authority before the tenant's openid-configuration, at login.microsoftonline.com for an
+/// authority host it does not know (bench/peer.py routes that name here).
+const INSTANCE_DISCOVERY_PATH: &str = "/common/discovery/instance";
+
+/// `GET /common/discovery/instance?api-version=1.1&authorization_endpoint=https://HOST/TENANT/oauth2/v2.0/authorize`:
+/// as Entra answers for a valid authority, the tenant discovery endpoint of that host and
+/// tenant and the host as its own only alias; a missing or malformed authorization endpoint
+/// gets Entra's `invalid_instance` 400.
+fn instance_discovery(query: &str) -> Response<Full<Bytes>> {
+    let ctx = ErrorContext {
+        correlation_id: guid(),
+    };
+    let endpoint = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "authorization_endpoint")
+        .map(|(_, v)| v.into_owned());
+    let parsed = endpoint.as_deref().and_then(|e| {
+        let rest = e.strip_prefix("https://")?;
+        let (host, path) = rest.split_once('/')?;
+        let tenant = path.strip_suffix("/oauth2/v2.0/authorize")?;
+        (!host.is_empty() && !tenant.is_empty() && !tenant.contains('/'))
+            .then(|| (host.to_string(), tenant.to_string()))
+    });
+    let Some((host, tenant)) = parsed else {
+        let body = serde_json::json!({
+            "error": "invalid_instance",
+            "error_description": "AADSTS50049: Unknown or invalid instance.",
+            "error_codes": [50049],
+            "correlation_id": ctx.correlation_id,
+        });
+        return json_response(StatusCode::BAD_REQUEST, &body, &ctx, None);
+    };
+    let doc = serde_json::json!({
+        "tenant_discovery_endpoint":
+            format!("https://{host}/{tenant}/v2.0/.well-known/openid-configuration"),
+        "api-version": "1.1",
+        "metadata": [{
+            "preferred_network": host,
+            "preferred_cache": host,
+            "aliases": [host],
+        }],
+    });
+    json_response(StatusCode::OK, &doc, &ctx, None)
 }
 
 /// `Some(tenant)` for `/{tenant}/v2.0/.well-known/openid-configuration`.
@@ -871,9 +921,14 @@ fn validate_and_issue(
 }
 
 /// `https://storage.azure.com//.default` → `https://storage.azure.com/`. Client-credential
-/// requests must carry exactly one `<resource>/.default` scope.
+/// requests must carry exactly one `<resource>/.default` scope. The OpenID Connect scopes
+/// MSAL adds to every request (`openid offline_access profile`: MSAL for Go sends
+/// `<resource>/.default openid offline_access profile`) are accepted and ignored, as Entra does
+/// in this flow (it issues neither an ID token nor a refresh token for it).
 fn scope_resource(scope: &str) -> Option<&str> {
-    let mut scopes = scope.split_whitespace();
+    let mut scopes = scope
+        .split_whitespace()
+        .filter(|s| !matches!(*s, "openid" | "offline_access" | "profile"));
     let only = scopes.next()?;
     if scopes.next().is_some() {
         return None;
