@@ -35,6 +35,11 @@ def main(src, dst):
         scale, unit = (1.0, "ms") if key == "burst" else (1e-3, "s")
         cdf(ax, b["first_token_samples_ms"], "start → first token (storage)", "tab:blue", scale)
         cdf(ax, b["both_tokens_samples_ms"], "start → both tokens (+ ARM)", "tab:orange", scale)
+        if key == "burst" and res.get("paced"):
+            pc = res["paced"]
+            cdf(ax, pc["first_token_samples_ms"], "paced (starts over 1 s): first token",
+                "tab:cyan", scale)
+            cdf(ax, pc["both_tokens_samples_ms"], "paced: both tokens", "tab:olive", scale)
         if key == "burst":
             solo = res.get("solo")
             if solo:

@@ -343,7 +343,8 @@ async fn control_response(
         ("DELETE", "/fault") => json(control.clear_fault()),
         _ => text(
             StatusCode::NOT_FOUND,
-            "try GET /calls, GET /call-log, GET /throttled, POST /fault, DELETE /fault\n".to_string(),
+            "try GET /calls, GET /call-log, GET /throttled, POST /fault, DELETE /fault\n"
+                .to_string(),
         ),
     }
 }

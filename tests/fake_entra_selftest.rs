@@ -6,9 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::fake_entra::{
-    FakeAccessToken, FakeEntra, Fault, RateLimit, CLIENT_ASSERTION_TYPE,
-};
+use support::fake_entra::{FakeAccessToken, FakeEntra, Fault, RateLimit, CLIENT_ASSERTION_TYPE};
 use support::issuer::{SaClaims, TestIssuer, DEFAULT_SUBJECT};
 
 const STORAGE_SCOPE: &str = "https://storage.azure.com//.default";
