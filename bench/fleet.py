@@ -431,6 +431,21 @@ def thread_cpu_s(pid):
     return total / 1e9
 
 
+def thread_cpu_by_tid(pid):
+    """{tid: CPU seconds} of the live threads of `pid` (schedstat, nanoseconds)."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            out[tid] = int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
 def stop_and_reap(procs, ps, grace=15):
     """SIGTERM to every process in `ps` first (they shut down in parallel), then reaps each
     with wait4: returns {pid: CPU seconds (user + system, all threads, exited ones too)}."""
@@ -565,14 +580,19 @@ async def idle_wakeups(procs, paths, secs):
     await asyncio.sleep(2)  # lets the answers' connections close and timers settle
     first = thread_switches(p.pid)
     last = dict(first)
-    cpu0 = thread_cpu_s(p.pid)
+    cpu_first = thread_cpu_by_tid(p.pid)
+    cpu_last = dict(cpu_first)
+    exited = set()
     t0 = time.monotonic()
     while time.monotonic() - t0 < secs:
         await asyncio.sleep(1)
-        last.update(thread_switches(p.pid))  # reading /proc does not wake the broker
-    cpu1 = thread_cpu_s(p.pid)
+        now = thread_switches(p.pid)  # reading /proc does not wake the broker
+        # A thread gone since the last sample woke at least once more, to exit.
+        exited |= set(last) - set(now) - exited
+        last.update(now)
+        cpu_last.update(thread_cpu_by_tid(p.pid))
     window = time.monotonic() - t0
-    switches = sum(n - first.get(tid, 0) for tid, n in last.items())
+    switches = sum(n - first.get(tid, 0) for tid, n in last.items()) + len(exited)
     woke = {}
     for tid, n in last.items():
         if n - first.get(tid, 0):
@@ -581,10 +601,13 @@ async def idle_wakeups(procs, paths, secs):
             except OSError:
                 name = "(exited)"
             woke[f"{tid} {name}"] = n - first.get(tid, 0)
+    for tid in exited:
+        woke[f"{tid} (exited)"] = woke.get(f"{tid} (exited)", 0) + 1
     res = {"window_s": round(window, 1), "threads": len(last),
            "context_switches": switches, "per_minute": switches * 60 / window,
            "threads_that_woke": woke,
-           "cpu_s": round(cpu1 - cpu0, 6) if cpu0 is not None and cpu1 is not None else None,
+           "threads_exited": len(exited),
+           "cpu_s": round(sum(v - cpu_first.get(t, 0) for t, v in cpu_last.items()), 6),
            "entra_calls": fake.calls()}
     procs.stop(p)
     procs.stop(fake.proc)
@@ -728,8 +751,11 @@ def evaluate(res, cfg):
             f.append(f"cost: client errors {c['client_errors'][:5]}")
     i = res.get("idle")
     if i:
-        t.append((f"idle: wake-ups over {i['window_s']} s == 0", str(i["context_switches"]),
-                  i["context_switches"] == 0))
+        # A Tokio blocking-pool thread (token file read, DNS) exits once, 10 s after its
+        # last use: a one-off, not a periodic wake-up; shown, but not held against the target.
+        periodic = i["context_switches"] - i.get("threads_exited", 0)
+        t.append((f"idle: wake-ups over {i['window_s']} s == 0 (besides threads exiting)",
+                  f"{periodic} (+{i.get('threads_exited', 0)} thread exit)", periodic == 0))
     return t, f
 
 
@@ -821,7 +847,7 @@ def render(res, targets, failures):
                      f"{c['cpu_s']:.3f} s, {c['cpu_ms_per_simulated_hour']:.2f} ms per simulated hour |")
     i = res.get("idle")
     if i:
-        L.append(f"| idle ({i['window_s']} s, no client, {i['threads']} threads) | {i['context_switches']} "
+        L.append(f"| idle ({i['window_s']} s, no client, {i['threads']} threads, {i.get('threads_exited', 0)} exited) | {i['context_switches']} "
                  f"context switches ({i['per_minute']:.1f}/min; by thread: {i['threads_that_woke'] or 'none'}), "
                  f"CPU {i['cpu_s']} s |")
     L.append("")
