@@ -29,6 +29,9 @@ def cdf(ax, xs, label, color, scale=1.0):
 def main(src, dst):
     res = json.load(open(src))
     panels = [k for k in ("burst", "throttled") if res.get(k)]
+    if not panels:
+        print(f"fleet_plot: no burst in {src}; {dst} left as it was", file=sys.stderr)
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, key in zip(axes[0], panels):
         b = res[key]

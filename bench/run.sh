@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full benchmark (about 26 minutes, plus ~8 for the fleet): installs wrk and nginx if
+# The full benchmark (about 26 minutes, plus ~6 for the fleet): installs wrk and nginx if
 # missing, builds the release binaries, waits (up to BENCH_WAIT_QUIET seconds, default 45 min)
 # for a quiet machine, runs the five measurements, prints the table and writes
 # bench/out/results.{json,md} and bench/latency.png; then the fleet (bench/fleet.py: 200-broker
