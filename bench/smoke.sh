@@ -2,7 +2,7 @@
 # ~60-second smoke version of bench/run.sh for the test run: the same five measurements,
 # scaled down (1-second wrk runs, 200 cold callers, 3 start-ups, a 13-second soak with
 # 24-second tokens run alongside), then the fleet path (bench/fleet.py --mode smoke: a burst
-# of 20 brokers, a throttled burst of 20, a 24-second cost run with a 10-second idle window,
+# of 20 brokers, a throttled burst of 20, a 24-second cost run with a 20-second idle window alongside,
 # ~35 s). Exits non-zero only on functional failures (errors, more than one Entra call on the
 # cold path, wrong refresh count, a broker not answering; in the fleet: a broker without its
 # tokens, Entra calls != 2 per broker, a client failure within its retry budget, a call before
