@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
-# ~20-second smoke version of bench/run.sh for the test run: the same five measurements,
+# ~70-second smoke version of bench/run.sh for the test run: the same five measurements,
 # scaled down (1-second wrk runs, 200 cold callers, 3 start-ups, a 13-second soak with
-# 24-second tokens run alongside). Exits non-zero only on functional failures (errors,
-# more than one Entra call on the cold path, wrong refresh count, a broker not answering),
-# never on performance numbers. It drives the shipped binary (scripts/build-release: release,
-# static), so the test run also proves that build works; BENCH_PROFILE=debug uses the debug
-# build the tests already have.
+# 24-second tokens run alongside), then the fleet path (bench/fleet.py --mode smoke: a burst
+# of 20 brokers, a throttled burst of 20, a 24-second cost run with a 20-second idle window alongside,
+# ~35 s), and the webhook's and one broker's worst allowed load in memory cgroups of their
+# limits (bench/webhook_load.py, bench/broker_load.py, ~10 s). Exits non-zero only on functional failures (errors, more than one Entra call on the
+# cold path, wrong refresh count, a broker not answering; in the fleet: a broker without its
+# tokens, Entra calls != 2 per broker, a client failure within its retry budget, a call before
+# Retry-After), never on performance numbers. It drives the shipped binary
+# (scripts/build-release: release, static), so the test run also proves that build works;
+# BENCH_PROFILE=debug uses the debug build the tests already have.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n 8192 2>/dev/null || true
 dir=$(bench/setup.sh "${BENCH_PROFILE:-release}" | tail -n1)
+status=0
 # The webhook under large reviews and idle connections (about 5 s; functional checks only).
-python3 bench/webhook_load.py "$dir/imds-broker"
+python3 bench/webhook_load.py "$dir/imds-broker" || status=$?
 # One broker at the worst load the limits allow: 512 full heads, 64 cold resources (~5 s).
-python3 bench/broker_load.py "$dir/imds-broker" "$dir/examples/fake_entra"
-exec python3 bench/bench.py --mode smoke --out bench/out/smoke \
+python3 bench/broker_load.py "$dir/imds-broker" "$dir/examples/fake_entra" || status=$?
+python3 bench/bench.py --mode smoke --out bench/out/smoke \
     --broker "$dir/imds-broker" --client "$dir/examples/bench_client" --fake "$dir/examples/fake_entra" \
-    --hyper "$dir/examples/hyper_static" "$@"
+    --hyper "$dir/examples/hyper_static" "$@" || status=$?
+# The fleet runs even if the above failed, so one run reports both.
+python3 bench/fleet.py --mode smoke --out bench/out/smoke \
+    --broker "$dir/imds-broker" --fake "$dir/examples/fake_entra" || status=$?
+exit $status

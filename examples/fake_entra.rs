@@ -19,8 +19,17 @@
 //!   `{"now_ms": N}`, the moment the fault began.
 //! - `DELETE /fault`: normal answers again.
 //!
+//! Call-log entries also carry `jti`, the client assertion's `jti` claim (or null):
+//! `--token-files N` writes N more token files (`token_files` in the JSON line), each with its
+//! own `jti` (`fleet-1` … `fleet-N`), so a fleet of brokers, one file each, can be told apart.
+//! `--rate-limit-per-sec R` throttles the token endpoint like Entra: a token bucket of
+//! `--rate-limit-burst B` (default R, starts full) refilled at R per second; a request finding
+//! it empty gets 429 with `Retry-After: --rate-limit-retry-after S` (default 1) and takes no
+//! token (shown as that fault in the call log; `GET /throttled` counts them).
+//!
 //! Usage: `cargo run --example fake_entra -- [--port N] [--calls-port N] [--delay-ms N]
-//!         [--token-lifetime-secs N] [--remint-secs N]`
+//!         [--token-lifetime-secs N] [--remint-secs N] [--token-files N]`
+//!         `[--rate-limit-per-sec R [--rate-limit-burst B] [--rate-limit-retry-after S]]`
 //!         `[--oidc-issuer URL [--oidc-issuer-ca PEM]] [--federated-subject SUB]` (a real OIDC
 //!         issuer, e.g. a kube-apiserver: assertions are verified with its published JWKS)
 
@@ -41,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use fake_entra::{FakeEntra, Fault};
+use fake_entra::{FakeEntra, Fault, RateLimit};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -64,6 +73,20 @@ struct Args {
     /// How often the service-account token file is re-minted, in seconds.
     #[arg(long, default_value_t = 300)]
     remint_secs: u64,
+    /// Also write this many token files, each with its own `jti` claim (`fleet-1` …), re-minted
+    /// with the main one: one per broker of a fleet, so the call log tells the callers apart.
+    #[arg(long, default_value_t = 0)]
+    token_files: usize,
+    /// Throttle the token endpoint: a token bucket refilled at this many requests per second;
+    /// a request finding it empty gets 429 + `Retry-After`.
+    #[arg(long)]
+    rate_limit_per_sec: Option<f64>,
+    /// Capacity of the bucket (it starts full); default: the rate.
+    #[arg(long, requires = "rate_limit_per_sec")]
+    rate_limit_burst: Option<f64>,
+    /// `Retry-After` seconds of a throttled answer.
+    #[arg(long, default_value_t = 1, requires = "rate_limit_per_sec")]
+    rate_limit_retry_after: u64,
 
     // -- Federated credential with a real OIDC issuer (tests/cluster: a kube-apiserver) --
     /// Trust this OIDC issuer (its discovery document and JWKS) instead of the built-in test key.
@@ -99,6 +122,19 @@ async fn main() -> anyhow::Result<()> {
     if let Some(subject) = args.federated_subject.clone() {
         fake.set_federated_subject(subject);
     }
+    if let Some(per_sec) = args.rate_limit_per_sec {
+        anyhow::ensure!(
+            per_sec > 0.0 && per_sec.is_finite(),
+            "--rate-limit-per-sec must be positive"
+        );
+        let burst = args.rate_limit_burst.unwrap_or(per_sec);
+        anyhow::ensure!(burst >= 1.0, "--rate-limit-burst must be at least 1");
+        fake.set_rate_limit(Some(RateLimit {
+            per_sec,
+            burst,
+            retry_after_secs: args.rate_limit_retry_after,
+        }));
+    }
 
     let token_dir = tempfile::Builder::new()
         .prefix("fake-entra-token-")
@@ -108,16 +144,24 @@ async fn main() -> anyhow::Result<()> {
     fake.issuer()
         .write_to(&token_file)
         .context("writing the first service-account token")?;
+    let fleet_files: Vec<_> = (1..=args.token_files)
+        .map(|i| token_dir.path().join(format!("token-{i}")))
+        .collect();
+    write_fleet_tokens(fake.issuer(), &fleet_files).context("writing the fleet token files")?;
     let remint = {
         let issuer = fake.issuer().clone();
         let token_file = token_file.clone();
+        let fleet_files = fleet_files.clone();
         let every = Duration::from_secs(args.remint_secs.max(1));
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.tick().await; // The first tick is immediate; the file is already fresh.
             loop {
                 ticker.tick().await;
-                if let Err(e) = issuer.write_to(&token_file) {
+                if let Err(e) = issuer
+                    .write_to(&token_file)
+                    .and_then(|_| write_fleet_tokens(&issuer, &fleet_files))
+                {
                     eprintln!("fake_entra: re-minting the token file failed: {e}");
                 }
             }
@@ -137,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let calls_server = tokio::spawn(serve_calls(calls_listener, control));
 
-    let ready = serde_json::json!({
+    let mut ready = serde_json::json!({
         "authority": fake.authority(),
         "ca_file": fake.ca_file(),
         "tenant_id": fake.tenant_id(),
@@ -145,6 +189,9 @@ async fn main() -> anyhow::Result<()> {
         "token_file": token_file,
         "calls_url": format!("http://{calls_addr}/calls"),
     });
+    if !fleet_files.is_empty() {
+        ready["token_files"] = serde_json::json!(fleet_files);
+    }
     println!("{ready}");
 
     wait_for_termination()
@@ -152,6 +199,20 @@ async fn main() -> anyhow::Result<()> {
         .context("installing signal handlers")?;
     remint.abort();
     calls_server.abort();
+    Ok(())
+}
+
+/// Writes `token-i` with `jti` = `fleet-i` (1-based, as the file names).
+fn write_fleet_tokens(
+    issuer: &issuer::TestIssuer,
+    files: &[std::path::PathBuf],
+) -> std::io::Result<()> {
+    for (i, file) in files.iter().enumerate() {
+        let claims = issuer
+            .claims()
+            .with_claim("jti", serde_json::json!(format!("fleet-{}", i + 1)));
+        issuer.write_claims_to(file, claims)?;
+    }
     Ok(())
 }
 
@@ -179,6 +240,7 @@ impl Control {
                     "ms": c.at.saturating_duration_since(self.started).as_millis(),
                     "scope": c.scope,
                     "fault": c.fault.map(|f| format!("{f:?}")),
+                    "jti": c.jti,
                 })
             })
             .collect();
@@ -267,6 +329,7 @@ async fn control_response(
     match (method.as_str(), req.uri().path()) {
         ("GET", "/calls") => text(StatusCode::OK, control.fake.calls().to_string()),
         ("GET", "/call-log") => json(control.call_log()),
+        ("GET", "/throttled") => text(StatusCode::OK, control.fake.throttled_calls().to_string()),
         ("POST", "/fault") => {
             let body = match Limited::new(req.into_body(), 4096).collect().await {
                 Ok(b) => b.to_bytes(),
@@ -280,7 +343,8 @@ async fn control_response(
         ("DELETE", "/fault") => json(control.clear_fault()),
         _ => text(
             StatusCode::NOT_FOUND,
-            "try GET /calls, GET /call-log, POST /fault, DELETE /fault\n".to_string(),
+            "try GET /calls, GET /call-log, GET /throttled, POST /fault, DELETE /fault\n"
+                .to_string(),
         ),
     }
 }

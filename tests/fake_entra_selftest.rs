@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::fake_entra::{FakeAccessToken, FakeEntra, Fault, CLIENT_ASSERTION_TYPE};
+use support::fake_entra::{FakeAccessToken, FakeEntra, Fault, RateLimit, CLIENT_ASSERTION_TYPE};
 use support::issuer::{SaClaims, TestIssuer, DEFAULT_SUBJECT};
 
 const STORAGE_SCOPE: &str = "https://storage.azure.com//.default";
@@ -415,6 +415,85 @@ async fn delays_really_delay() {
     let started = Instant::now();
     assert_eq!(exchange(&fake, &TokenRequest::valid(&fake)).await.0, 200);
     assert!(started.elapsed() >= fixed, "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn rate_limit_throttles_past_the_bucket_then_refills() {
+    let fake = FakeEntra::start();
+    // A slow refill (1 per 2 s) so the burst, not the refill, decides the first answers.
+    fake.set_rate_limit(Some(RateLimit {
+        per_sec: 0.5,
+        burst: 2.0,
+        retry_after_secs: 3,
+    }));
+    let req = TokenRequest::valid(&fake);
+    let client = fake.http_client();
+    for _ in 0..2 {
+        assert_eq!(exchange(&fake, &req).await.0, 200, "the bucket starts full");
+    }
+    let throttled_at = Instant::now();
+    let response = req.send(&fake, &client).await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("3")
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "temporarily_unavailable");
+    assert_eq!(body["error_codes"][0], 90055);
+    assert_eq!(fake.throttled_calls(), 1);
+    assert_eq!(fake.tokens_issued(), 2);
+    assert_eq!(
+        fake.call_log()[2].fault,
+        Some(Fault::StatusRetryAfter(429, 3))
+    );
+
+    // Refused requests take no token: polling every 100 ms, the next token is issued once
+    // one has refilled (~2 s after the burst was spent), not before.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let response = req.send(&fake, &client).await.unwrap();
+        if response.status() == 200 {
+            break;
+        }
+        assert_eq!(response.status(), 429);
+        assert!(Instant::now() < deadline, "the bucket never refilled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = throttled_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "refilled after {waited:?}, faster than 0.5/s"
+    );
+    assert!(fake.throttled_calls() >= 10, "{}", fake.throttled_calls());
+    assert_eq!(fake.tokens_issued(), 3);
+
+    // Injected faults come first and leave the bucket alone; removing the limit ends it.
+    fake.push_fault(Fault::Status(500));
+    assert_eq!(exchange(&fake, &req).await.0, 500);
+    fake.set_rate_limit(None);
+    for _ in 0..3 {
+        assert_eq!(exchange(&fake, &req).await.0, 200);
+    }
+}
+
+#[tokio::test]
+async fn call_log_names_the_assertion_jti() {
+    let fake = FakeEntra::start();
+    let mut req = TokenRequest::valid(&fake);
+    assert_eq!(exchange(&fake, &req).await.0, 200);
+    req.assertion = fake.issuer().mint(
+        fake.issuer()
+            .claims()
+            .with_claim("jti", Value::from("fleet-7")),
+    );
+    assert_eq!(exchange(&fake, &req).await.0, 200);
+    let log = fake.call_log();
+    assert_eq!(log[0].jti, None);
+    assert_eq!(log[1].jti.as_deref(), Some("fleet-7"));
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 //! It validates the assertion the way Entra does for workload identity federation (RS256
 //! signature by the test issuer key, `iss`/`sub`/`aud` against one federated identity record,
 //! `exp`/`nbf` with a small skew) and answers in Entra's JSON shapes. Tests can inject faults,
-//! count calls and await them. The server runs on its own small runtime so it keeps serving
+//! count calls and await them, and throttle the endpoint with a token bucket (`RateLimit`). The server runs on its own small runtime so it keeps serving
 //! whatever the test's runtime is doing (blocking, paused time, ...); dropping the value stops
 //! it and closes every connection.
 //!
@@ -101,8 +101,44 @@ pub struct CallRecord {
     pub tenant: String,
     pub client_id: Option<String>,
     pub scope: Option<String>,
-    /// The fault applied to this call, if any.
+    /// The fault applied to this call, if any (a [`RateLimit`] refusal shows as
+    /// `StatusRetryAfter(429, secs)`).
     pub fault: Option<Fault>,
+    /// The `jti` claim of the client assertion (unverified), which tells apart callers that
+    /// each present their own service-account token (e.g. a fleet of brokers).
+    pub jti: Option<String>,
+}
+
+/// A token bucket in front of the token endpoint, as Entra throttles an app: every request
+/// takes one token; with the bucket empty it is answered 429 + `Retry-After` (and takes
+/// none). The bucket holds at most `burst` tokens, starts full and refills at `per_sec`.
+/// Queued and sticky faults apply first and do not touch the bucket.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub per_sec: f64,
+    pub burst: f64,
+    pub retry_after_secs: u64,
+}
+
+struct Bucket {
+    limit: RateLimit,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Bucket {
+    /// Takes a token if there is one; `false` means throttle this request.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.limit.per_sec).min(self.limit.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Payload of an access token issued by the fake (decode with [`FakeAccessToken::decode`]).
@@ -194,6 +230,8 @@ struct Stats {
     connections: usize,
     /// Requests for the OpenID discovery document.
     discovery: usize,
+    /// Requests refused by the [`RateLimit`] bucket.
+    throttled: usize,
 }
 
 struct Shared {
@@ -205,6 +243,7 @@ struct Shared {
     token_seq: AtomicU64,
     decoding_key: DecodingKey,
     oidc_keys: Mutex<Option<OidcKeys>>,
+    rate_limit: Mutex<Option<Bucket>>,
 }
 
 impl Shared {
@@ -281,6 +320,7 @@ impl FakeEntra {
             token_seq: AtomicU64::new(0),
             decoding_key: issuer.decoding_key(),
             oidc_keys: Mutex::new(None),
+            rate_limit: Mutex::new(None),
         });
         let acceptor = TlsAcceptor::from(pki.server_config());
         runtime.spawn(accept_loop(listener, acceptor, Arc::clone(&shared)));
@@ -424,6 +464,21 @@ impl FakeEntra {
         let mut faults = lock(&self.shared.faults);
         faults.queue.clear();
         faults.sticky = None;
+    }
+
+    /// Throttles the token endpoint with a token bucket (see [`RateLimit`]), starting full;
+    /// `None` removes it.
+    pub fn set_rate_limit(&self, limit: Option<RateLimit>) {
+        *lock(&self.shared.rate_limit) = limit.map(|limit| Bucket {
+            limit,
+            tokens: limit.burst.max(0.0),
+            refilled: Instant::now(),
+        });
+    }
+
+    /// Requests answered 429 by the rate limit.
+    pub fn throttled_calls(&self) -> usize {
+        lock(&self.shared.stats).throttled
     }
 
     /// One-shot faults not yet consumed.
@@ -676,12 +731,32 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
         let mut faults = lock(&shared.faults);
         faults.queue.pop_front().or_else(|| faults.sticky.clone())
     };
+    // The rate limit counts only requests no injected fault answers.
+    let throttled = fault.is_none()
+        && lock(&shared.rate_limit)
+            .as_mut()
+            .is_some_and(|bucket| !bucket.take(arrived));
+    let fault = if throttled {
+        let secs = lock(&shared.rate_limit)
+            .as_ref()
+            .map_or(1, |b| b.limit.retry_after_secs);
+        Some(Fault::StatusRetryAfter(429, secs))
+    } else {
+        fault
+    };
     let call_number = {
         let form_ref = form.as_ref().ok();
         let scope = form_ref.and_then(|f| f.get("scope").cloned());
+        let jti = form_ref
+            .and_then(|f| f.get("client_assertion"))
+            .and_then(|a| decode_unverified(a))
+            .and_then(|(_, claims)| claims.get("jti")?.as_str().map(str::to_string));
         let mut stats = lock(&shared.stats);
         if let Some(scope) = &scope {
             *stats.per_scope.entry(scope.clone()).or_insert(0) += 1;
+        }
+        if throttled {
+            stats.throttled += 1;
         }
         stats.calls.push(CallRecord {
             at: arrived,
@@ -690,6 +765,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
             client_id: form_ref.and_then(|f| f.get("client_id").cloned()),
             scope,
             fault: fault.clone(),
+            jti,
         });
         stats.calls.len() as u64
     };
