@@ -2,7 +2,7 @@
 """One broker at the worst load the hostile-load rules allow, next to the memory limit the
 webhook injects (32 Mi), with its admin probe timed throughout:
 
-- `--max-connections` (512) connections, each holding an unfinished 8,000-byte request head;
+- `--max-connections` (MAX_CONNECTIONS, the default) connections, each holding an unfinished 8,000-byte request head;
 - 64 distinct cold resources asked for at once against a fake Entra answering after 500 ms
   (the broker admits 16 at once and 2/s after, the rest get 429 — the bound under test);
 - `/readyz` and `/metrics` polled during both.
@@ -25,6 +25,7 @@ import bench  # noqa: E402  (process registry, fake Entra and broker launchers)
 from cgroup import MemoryLimit  # noqa: E402
 
 LIMIT = 32 * 1024 * 1024  # the sidecar's memory limit the webhook injects
+MAX_CONNECTIONS = 1024  # serve's default --max-connections
 
 
 def main():
@@ -53,9 +54,9 @@ def main():
 
         prober = threading.Thread(target=probe)
         prober.start()
-        # 512 connections with full, never-finished heads.
+        # The connection cap's worth of full, never-finished heads.
         socks = []
-        for _ in range(512):
+        for _ in range(MAX_CONNECTIONS):
             s = socket.create_connection(("127.0.0.1", broker.port))
             s.sendall(b"GET /metadata/identity/oauth2/token HTTP/1.1\r\nX-Fill: " + b"a" * 7940)
             socks.append(s)
@@ -81,7 +82,7 @@ def main():
         for st in answers.values():
             statuses[st] = statuses.get(st, 0) + 1
         worst = max(t for _, t in probes)
-        print(f"RSS idle {idle / 1024:.1f} MiB; with 512 full unfinished heads {held / 1024:.1f} MiB; "
+        print(f"RSS idle {idle / 1024:.1f} MiB; with {MAX_CONNECTIONS} full unfinished heads {held / 1024:.1f} MiB; "
               f"peak {peak / 1024:.1f} MiB (injected limit 32 MiB)")
         print(f"64 cold resources: answers {dict(sorted(statuses.items()))}, Entra calls {fake.calls()}")
         print(f"/readyz during the load: {len(probes)} probes, all 200: "

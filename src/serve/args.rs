@@ -133,10 +133,11 @@ pub struct ServeArgs {
     pub entra_timeout: Duration,
 
     /// Maximum concurrent connections on the token listener; at the cap the connection idle
-    /// longest is closed to make room. Memory budget: each connection costs at most its 8 KiB
-    /// head buffer plus hyper's write buffer and task (~24 KiB), so 512 connections stay
-    /// under 12 MiB, inside the 32 Mi limit the webhook injects.
-    #[arg(long, env = "IMDS_BROKER_MAX_CONNECTIONS", default_value_t = 512)]
+    /// longest is closed to make room. 1024 lets a burst of 1,000 first requests in at once
+    /// (at 512 the last ones waited ~1.3 s for an eviction); with every one holding a full
+    /// 8 KiB head the broker stays well inside the 32 Mi limit the webhook injects
+    /// (bench/RESULTS.md, bench/broker_load.py).
+    #[arg(long, env = "IMDS_BROKER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
     /// Time allowed to receive a request's headers, and to answer it: a caller waiting on
