@@ -30,7 +30,7 @@ MAX_CONNECTIONS = 1024  # serve's default --max-connections
 
 def main():
     broker_bin, fake_bin = Path(sys.argv[1]), Path(sys.argv[2])
-    out = Path("bench/out/broker-load")
+    out = (Path(__file__).parent / "out" / "broker-load").resolve()
     out.mkdir(parents=True, exist_ok=True)
     procs = bench.Procs()
     failures = []

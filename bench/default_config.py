@@ -20,7 +20,7 @@ def main():
     binary = Path(sys.argv[1])
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     secs = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    out = Path("bench/out/default-config")
+    out = (Path(__file__).parent / "out" / "default-config").resolve()
     out.mkdir(parents=True, exist_ok=True)
     conns = (1, 16, 64, 256)
     procs = bench.Procs()
