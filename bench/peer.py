@@ -437,7 +437,7 @@ def render(res):
         L.append("| cold: first request written → first / p50 / p99 / last answer, ms | " + " | ".join(
             "{min:.1f} / {p50:.1f} / {p99:.1f} / {max:.1f}".format(**c[k]["latency_ms"]) for k in ("broker", "azwi-proxy")) + " | |")
         if "cold_broker_cap_1024" in res:
-            L.append("| cold: the same, broker with --max-connections 1024 (default 512), first / p50 / p99 / last, ms | "
+            L.append("| cold: the same, broker with --max-connections 1024 set explicitly (the default now), first / p50 / p99 / last, ms | "
                      "{min:.1f} / {p50:.1f} / {p99:.1f} / {max:.1f}".format(**res["cold_broker_cap_1024"]["latency_ms"])
                      + f" ({res['cold_broker_cap_1024']['entra_calls']} Entra call) | | |")
         L.append(f"| cold: peak RSS, MiB | {mib(c['broker']['peak_rss_kib']):.2f} | {mib(c['azwi-proxy']['peak_rss_kib']):.2f} | |")
