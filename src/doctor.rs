@@ -90,8 +90,9 @@ async fn check(args: &DoctorArgs) -> Result<(), Broken> {
         token_file(a)?;
         authority(a, exchanger.as_ref()).await?;
     }
-    for resource in resources(args) {
-        match exchanger.exchange(&client_id, &resource).await {
+    let resources = resources(args);
+    for resource in &resources {
+        match exchanger.exchange(&client_id, resource).await {
             Ok(token) => ok(
                 "exchange",
                 format!(
@@ -104,7 +105,7 @@ async fn check(args: &DoctorArgs) -> Result<(), Broken> {
     }
     if !args.no_listener {
         for addr in &a.listen {
-            listener(*addr, &resources(args)[0]).await?;
+            listener(*addr, &resources[0]).await?;
         }
     }
     let port = a.listen.first().map_or(8400, SocketAddr::port);

@@ -4,7 +4,7 @@
 mod support;
 
 use std::process::Output;
-use support::broker::{token_dir, BrokerBuilder};
+use support::broker::{entra_args, token_dir, BrokerBuilder};
 use support::fake_entra::FakeEntra;
 
 /// Runs doctor against `fake` with `extra` flags; the environment is emptied so nothing of
@@ -14,17 +14,8 @@ fn doctor(fake: &FakeEntra, token_file: &std::path::Path, extra: &[&str]) -> Out
 }
 
 fn run(fake: &FakeEntra, token_file: &std::path::Path, trust_ca: bool, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "doctor".to_string(),
-        "--client-id".into(),
-        fake.client_id(),
-        "--tenant-id".into(),
-        fake.tenant_id(),
-        "--authority-host".into(),
-        fake.authority(),
-        "--token-file".into(),
-        token_file.display().to_string(),
-    ];
+    let mut args = vec!["doctor".to_string()];
+    args.extend(entra_args(fake, token_file));
     if trust_ca {
         args.extend(["--ca-file".into(), fake.ca_file().display().to_string()]);
     }

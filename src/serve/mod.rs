@@ -43,6 +43,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (exchanger, client_id) = exchanger(&args)?;
     let allow = (!args.allow_resources.is_empty()).then(|| non_empty(&args.allow_resources));
+    let allow_shown = list_or(allow.as_deref().unwrap_or_default(), "any");
     let preconnect = exchanger.clone();
     let broker = Arc::new(Broker::new(
         BrokerConfig {
@@ -176,8 +177,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         });
     }
-    for resource in prefetch {
-        let broker = broker.clone();
+    for resource in &prefetch {
+        let (broker, resource) = (broker.clone(), resource.clone());
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + PREFETCH_HOLD;
             if let Err(e) = broker.token(&Selector::Default, &resource, deadline).await {
@@ -201,8 +202,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         authority = if args.emulate { "emulator" } else { args.authority_host.as_str() },
         token_file = %args.token_file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
         token_audience = %args.token_audience,
-        allow_resources = %list_or(&non_empty(&args.allow_resources), "any"),
-        prefetch = %list_or(&non_empty(&args.prefetch), "-"),
+        allow_resources = %allow_shown,
+        prefetch = %list_or(&prefetch, "-"),
         max_connections = args.max_connections,
         request_timeout = ?args.request_timeout,
         entra_concurrency = args.entra_concurrency,

@@ -111,6 +111,8 @@ pub struct Decision {
     pub warnings: Vec<String>,
     /// Set when the pod is refused.
     pub denial: Option<String>,
+    /// The pod's name, else its generateName (for the log line), once it has been parsed.
+    pub pod: Option<String>,
 }
 
 impl Decision {
@@ -120,6 +122,7 @@ impl Decision {
             patch: Vec::new(),
             warnings: Vec::new(),
             denial: None,
+            pod: None,
         }
     }
 
@@ -198,16 +201,23 @@ impl Reviewer {
             .ok_or_else(|| malformed("request.object is missing"))?;
         let pod: Pod = serde_json::from_str(object.get())
             .map_err(|e| malformed(format!("request.object is not a Pod: {e}")))?;
-        if let Some(decision) = self.precheck(&pod) {
-            return Ok(decision);
-        }
-        let namespace = request
-            .namespace
-            .clone()
-            .or_else(|| pod.metadata.namespace.clone())
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| malformed("request.namespace is missing"))?;
-        self.mutate(&pod, &namespace).await
+        let decision = match self.precheck(&pod) {
+            Some(decision) => decision,
+            None => {
+                let namespace = request
+                    .namespace
+                    .clone()
+                    .or_else(|| pod.metadata.namespace.clone())
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| malformed("request.namespace is missing"))?;
+                self.mutate(&pod, &namespace).await?
+            }
+        };
+        let meta = pod.metadata;
+        Ok(Decision {
+            pod: meta.name.filter(|n| !n.is_empty()).or(meta.generate_name),
+            ..decision
+        })
     }
 
     /// The decisions that need no identity: not ours, opted out, done already, unsupported.
@@ -280,10 +290,9 @@ impl Reviewer {
             token_expiration_seconds: expiration,
         };
         Ok(Decision {
-            outcome: Outcome::Mutated,
             patch: patch::build_patch(pod, &self.config.sidecar, &injection),
             warnings,
-            denial: None,
+            ..Decision::admit(Outcome::Mutated)
         })
     }
 }
@@ -293,26 +302,10 @@ impl Reviewer {
 fn log_decision(request: &AdmissionRequest, decision: &Decision) {
     let pod = request
         .name
-        .clone()
+        .as_deref()
         .filter(|n| !n.is_empty())
-        .or_else(|| {
-            // Only the two name fields, not the whole object.
-            #[derive(Deserialize)]
-            #[serde(rename_all = "camelCase")]
-            struct Meta {
-                name: Option<String>,
-                generate_name: Option<String>,
-            }
-            #[derive(Deserialize)]
-            struct Named {
-                metadata: Option<Meta>,
-            }
-            let named: Named = serde_json::from_str(request.object.as_ref()?.get()).ok()?;
-            let meta = named.metadata?;
-            meta.name.or(meta.generate_name)
-        })
-        .unwrap_or_default();
-    let pod = pod.as_str();
+        .or(decision.pod.as_deref())
+        .unwrap_or("");
     let namespace = request.namespace.as_deref().unwrap_or("");
     let result = decision.outcome.as_str();
     match (&decision.denial, decision.outcome) {

@@ -39,25 +39,22 @@ impl BrokerBuilder {
     /// A broker exchanging with `fake` using the token file at `token_file`. Fast retry
     /// settings keep failure tests short; tests that need others override them.
     pub fn entra(fake: &FakeEntra, token_file: &Path) -> Self {
+        let mut args = entra_args(fake, token_file);
+        args.extend(
+            [
+                "--ca-file",
+                &fake.ca_file().display().to_string(),
+                "--retry-initial-backoff",
+                "50ms",
+                "--retry-max-backoff",
+                "3s",
+                "--entra-timeout",
+                "3s",
+            ]
+            .map(String::from),
+        );
         BrokerBuilder {
-            args: vec![
-                "--client-id".into(),
-                fake.client_id(),
-                "--tenant-id".into(),
-                fake.tenant_id(),
-                "--authority-host".into(),
-                fake.authority(),
-                "--ca-file".into(),
-                fake.ca_file().display().to_string(),
-                "--token-file".into(),
-                token_file.display().to_string(),
-                "--retry-initial-backoff".into(),
-                "50ms".into(),
-                "--retry-max-backoff".into(),
-                "3s".into(),
-                "--entra-timeout".into(),
-                "3s".into(),
-            ],
+            args,
             env: Vec::new(),
             identity_header: Some(IDENTITY_HEADER.into()),
             rust_log: "info".into(),
@@ -378,6 +375,21 @@ async fn reply(resp: reqwest::Response) -> Reply {
 /// Percent-encodes a query value.
 pub fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The flags that point a broker (or `doctor`) at `fake` with `token_file`: identity,
+/// authority and token file; the fake's CA is left to the caller.
+pub fn entra_args(fake: &FakeEntra, token_file: &Path) -> Vec<String> {
+    vec![
+        "--client-id".into(),
+        fake.client_id(),
+        "--tenant-id".into(),
+        fake.tenant_id(),
+        "--authority-host".into(),
+        fake.authority(),
+        "--token-file".into(),
+        token_file.display().to_string(),
+    ]
 }
 
 /// A temp dir with a valid token file minted by the fake's issuer.
