@@ -333,7 +333,8 @@ def token_file(fake_entra, tmp_path):
     return path
 
 
-def broker_args(fake, token_file, *extra):
+def production_broker_args(fake, token_file):
+    """What the webhook configures, with the broker's production retry defaults."""
     return [
         "--listen", "127.0.0.1:0",
         "--admin-listen", "127.0.0.1:0",
@@ -346,6 +347,13 @@ def broker_args(fake, token_file, *extra):
         "--allow-resource", f"{STORAGE},{ARM},{ARM_CLASSIC}",
         "--resource-id", IDENTITY_RESOURCE_ID,
         "--object-id", IDENTITY_OBJECT_ID,
+    ]
+
+
+def broker_args(fake, token_file, *extra):
+    """The production configuration with fast retries, so failure cases stay short."""
+    return [
+        *production_broker_args(fake, token_file),
         "--retry-initial-backoff", "50ms",
         "--retry-max-backoff", "2s",
         "--entra-timeout", "5s",

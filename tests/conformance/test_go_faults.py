@@ -39,14 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import (
-    ARM,
-    ARM_CLASSIC,
     BROKER_BIN,
     CLIENTS,
     GO_VERSIONS,
-    IDENTITY_HEADER,
-    IDENTITY_OBJECT_ID,
-    IDENTITY_RESOURCE_ID,
     IP_BIN,
     RETRY_PROBE,
     STORAGE,
@@ -58,6 +53,7 @@ from conftest import (
     go_client_bin,
     go_version_tuple,
     parse_results,
+    production_broker_args,
     start_fake_entra,
     stop_process,
     wait_for,
@@ -112,23 +108,6 @@ def max_calls_by_backoff(window_s, initial_s, cap_s):
 
 # --- one fault case ---------------------------------------------------------------------------
 
-def appservice_broker_args(fake, token_file):
-    """What the webhook configures, with the broker's production retry defaults."""
-    return [
-        "--listen", "127.0.0.1:0",
-        "--admin-listen", "127.0.0.1:0",
-        "--client-id", fake["client_id"],
-        "--tenant-id", fake["tenant_id"],
-        "--authority-host", fake["authority"],
-        "--ca-file", fake["ca_file"],
-        "--token-file", str(token_file),
-        "--identity-header", IDENTITY_HEADER,
-        "--allow-resource", f"{STORAGE},{ARM},{ARM_CLASSIC}",
-        "--resource-id", IDENTITY_RESOURCE_ID,
-        "--object-id", IDENTITY_OBJECT_ID,
-    ]
-
-
 def go_step(client_id):
     return {"resource": STORAGE, "scope": VELERO_STORAGE_SCOPE, "client_id": client_id,
             "timeout_secs": CASE_TIMEOUT_S - 20}
@@ -150,7 +129,7 @@ def fault_case(version, protocol, case):
             cleanup.append(lambda: stop_process(proc))
             token = os.path.join(home, "sa-token")
             shutil.copy(fake["token_file"], token)
-            broker = Broker(appservice_broker_args(fake, token))
+            broker = Broker(production_broker_args(fake, token))
             cleanup.append(broker.stop)
             env, prefix, netns = client_env("appservice", broker.base, home), (), None
             endpoint = "app_service"
