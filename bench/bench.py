@@ -373,18 +373,18 @@ def bootstrap_median_ci(xs, resamples=4000):
     return [meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]]
 
 
-def hot_path(cfg, procs, out, broker, nginx, pin, hyper=None):
-    """Interleaves targets per concurrency and round, so drifting background load hits all."""
-    targets = {
-        "imds": (broker.port, IMDS_TARGET, IMDS_HEADER, broker.pid),
-        "app_service": (broker.port, APP_TARGET, APP_HEADER, broker.pid),
-        "nginx": (nginx.port, IMDS_TARGET, IMDS_HEADER, nginx.worker),
-    }
-    if hyper:
-        targets["hyper"] = (hyper.port, IMDS_TARGET, IMDS_HEADER, hyper.pid)
+def interleaved_wrk(cfg, targets, pin, peak_of=None):
+    """wrk -t1 against every target, interleaved per round and concurrency (the order of the
+    targets rotated each round), so drifting background load hits all alike. `targets`: name
+    -> (port, request target, header, server pid). Peak RSS (VmHWM, reset through clear_refs
+    first) is taken over the top-concurrency runs of the names in `peak_of` (default: all).
+    Returns (runs[name][conns] = [wrk results], peak_kib[name], peak method)."""
     names = list(targets)
+    peak_of = names if peak_of is None else peak_of
     runs = {n: {c: [] for c in cfg["conns"]} for n in names}
-    peak = {"broker_kib": 0, "nginx_worker_kib": 0, "method": "VmHWM after clear_refs"}
+    peak = {n: 0 for n in peak_of}
+    method = "VmHWM after clear_refs"
+
     def plan(c):
         return (cfg["c1_rounds"], cfg["c1_secs"]) if c == 1 else (cfg["rounds"], cfg["wrk_secs"])
     for rnd in range(max(plan(c)[0] for c in cfg["conns"])):
@@ -393,26 +393,40 @@ def hot_path(cfg, procs, out, broker, nginx, pin, hyper=None):
             if rnd >= rounds:
                 continue
             k = rnd % len(names)
-            order = names[k:] + names[:k]
-            for n in order:
+            for n in names[k:] + names[:k]:
                 port, target, header, pid = targets[n]
                 if cfg["warmup_secs"]:
                     run_wrk(port, target, header, c, cfg["warmup_secs"], pin[0])
-                is_peak_run = c == max(cfg["conns"]) and n != "hyper"
+                is_peak_run = c == max(cfg["conns"]) and n in peak
                 if is_peak_run and not reset_peak_rss(pid):
-                    peak["method"] = "VmHWM since start (clear_refs unavailable)"
+                    method = "VmHWM since start (clear_refs unavailable)"
                 cpu0 = cpu_seconds(pid)
                 r = run_wrk(port, target, header, c, secs, pin[0])
                 cpu1 = cpu_seconds(pid)
                 r["server_cpu_s"] = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
                 if is_peak_run:
-                    key = "nginx_worker_kib" if n == "nginx" else "broker_kib"
-                    peak[key] = max(peak[key], vm_kib(pid, "VmHWM") or 0)
+                    peak[n] = max(peak[n], vm_kib(pid, "VmHWM") or 0)
                 runs[n][c].append(r)
                 errs = sum(r["errors"].values())
-                rps = req_per_s(r)
-                log(f"round {rnd + 1} c={c:<3} {n:<11} {rps:>9.0f} req/s  "
+                log(f"round {rnd + 1} c={c:<3} {n:<11} {req_per_s(r):>9.0f} req/s  "
                     f"p99 {r['latency_us']['p99']} us  errors {errs}")
+    return runs, peak, method
+
+
+def hot_path(cfg, procs, out, broker, nginx, pin, hyper=None):
+    """The broker's two endpoints, nginx and (optionally) bare hyper, interleaved."""
+    targets = {
+        "imds": (broker.port, IMDS_TARGET, IMDS_HEADER, broker.pid),
+        "app_service": (broker.port, APP_TARGET, APP_HEADER, broker.pid),
+        "nginx": (nginx.port, IMDS_TARGET, IMDS_HEADER, nginx.worker),
+    }
+    if hyper:
+        targets["hyper"] = (hyper.port, IMDS_TARGET, IMDS_HEADER, hyper.pid)
+    names = list(targets)
+    runs, peaks, method = interleaved_wrk(cfg, targets, pin,
+                                          peak_of=["imds", "app_service", "nginx"])
+    peak = {"broker_kib": max(peaks["imds"], peaks["app_service"]),
+            "nginx_worker_kib": peaks["nginx"], "method": method}
     summary = {}
     for n in names:
         summary[n] = {}

@@ -29,15 +29,15 @@ def main():
                    "2 workers": bench.Broker(procs, binary, out, "two", workers=2)}
         _, body = servers["default"].get("imds")
         nginx = bench.Nginx(procs, out, body)
-        ports = {k: b.port for k, b in servers.items()} | {"nginx": nginx.port}
-        names = list(ports)
-        res = {n: {c: [] for c in conns} for n in names}
-        for rnd in range(rounds):
-            for c in conns:
-                k = rnd % len(names)
-                for n in names[k:] + names[:k]:
-                    r = bench.run_wrk(ports[n], bench.IMDS_TARGET, bench.IMDS_HEADER, c, secs, None)
-                    res[n][c].append((bench.req_per_s(r), r["latency_us"]["p99"]))
+        targets = {k: (b.port, bench.IMDS_TARGET, bench.IMDS_HEADER, b.pid)
+                   for k, b in servers.items()}
+        targets["nginx"] = (nginx.port, bench.IMDS_TARGET, bench.IMDS_HEADER, nginx.worker)
+        names = list(targets)
+        cfg = {"conns": conns, "rounds": rounds, "wrk_secs": secs, "c1_rounds": rounds,
+               "c1_secs": secs, "warmup_secs": 0}
+        runs, _, _ = bench.interleaved_wrk(cfg, targets, (None, None), peak_of=[])
+        res = {n: {c: [(bench.req_per_s(r), r["latency_us"]["p99"]) for r in runs[n][c]]
+                   for c in conns} for n in names}
         print(f"load average at the end: {bench.loadavg()}")
         print("| conns | " + " | ".join(f"{n} req/s (×nginx), p99 µs" for n in names) + " |")
         print("|---:|" + "---|" * len(names))

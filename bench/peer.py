@@ -202,35 +202,12 @@ def hosts_file(out):
 
 
 def hot(cfg, targets, pin):
-    """wrk -t1 against each target, interleaved per round and concurrency (as bench.py does);
+    """wrk -t1 against each target, interleaved per round and concurrency (bench.py's loop);
     peak RSS over the top-concurrency runs (VmHWM reset through clear_refs first)."""
     names = list(targets)
-    runs = {n: {c: [] for c in cfg["conns"]} for n in names}
-    peak = {n: 0 for n in names}
-
-    def plan(c):
-        return (cfg["c1_rounds"], cfg["c1_secs"]) if c == 1 else (cfg["rounds"], cfg["wrk_secs"])
-    for rnd in range(max(plan(c)[0] for c in cfg["conns"])):
-        for c in cfg["conns"]:
-            rounds, secs = plan(c)
-            if rnd >= rounds:
-                continue
-            k = rnd % len(names)
-            for n in names[k:] + names[:k]:
-                port, pid = targets[n]
-                if cfg["warmup_secs"]:
-                    B.run_wrk(port, B.IMDS_TARGET, B.IMDS_HEADER, c, cfg["warmup_secs"], pin[0])
-                top = c == max(cfg["conns"])
-                if top:
-                    B.reset_peak_rss(pid)
-                cpu0 = B.cpu_seconds(pid)
-                r = B.run_wrk(port, B.IMDS_TARGET, B.IMDS_HEADER, c, secs, pin[0])
-                r["server_cpu_s"] = B.cpu_seconds(pid) - cpu0
-                if top:
-                    peak[n] = max(peak[n], B.vm_kib(pid, "VmHWM") or 0)
-                runs[n][c].append(r)
-                log(f"round {rnd + 1} c={c:<3} {n:<10} {B.req_per_s(r):>9.0f} req/s  "
-                    f"p99 {r['latency_us']['p99']} us  errors {sum(r['errors'].values())}")
+    runs, peak, _ = B.interleaved_wrk(
+        cfg, {n: (port, B.IMDS_TARGET, B.IMDS_HEADER, pid) for n, (port, pid) in targets.items()},
+        pin)
     summary = {}
     for n in names:
         summary[n] = {}
