@@ -74,6 +74,19 @@ MODES = {
 }
 
 
+def image_env():
+    """The environment the shipped image sets (`--config.env` in scripts/build-image), minus PATH.
+
+    Brokers under measurement run with it so they load trust roots as they do in a pod: the image
+    sets SSL_CERT_FILE, so the broker reads one CA bundle; without it, on a Debian host, the TLS
+    stack also reads every file of /etc/ssl/certs (~300), which costs start-up time a pod never
+    pays (bench/RESULTS.md, Fleet)."""
+    text = (ROOT / "scripts" / "build-image").read_text()
+    env = dict(m.split("=", 1) for m in re.findall(r"--config\.env (\S+)", text))
+    env.pop("PATH", None)
+    return env
+
+
 def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -244,7 +257,7 @@ class Broker:
     def __init__(self, procs, binary, out, name, fake=None, cpu=None, workers=None,
                  extra=(), preexec=None):
         self.port, self.admin = free_port(), free_port()
-        env = dict(os.environ)
+        env = dict(os.environ, **image_env())
         env.setdefault("RUST_LOG", "info")
         if workers:
             env["IMDS_BROKER_WORKER_THREADS"] = str(workers)
@@ -505,7 +518,8 @@ def start_up(cfg, procs, out, paths, fake):
             "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{admin}",
             "--identity-header", SECRET]
     for name, extra in (("entra", fake.broker_args()), ("emulate", ["--emulate"])):
-        p = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(base + extra, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, **image_env()))
         if p.returncode != 0:
             raise Failure(f"start-up ({name}): {p.stderr.strip()}")
         res[name] = json.loads(p.stdout)
