@@ -75,15 +75,19 @@ MODES = {
 
 
 def image_env():
-    """The environment the shipped image sets (`--config.env` in scripts/build-image), minus PATH.
+    """The environment a broker under measurement runs with: this process's, with the trust-store
+    variables replaced by what the shipped image sets (`--config.env` in scripts/build-image,
+    PATH aside).
 
-    Brokers under measurement run with it so they load trust roots as they do in a pod: the image
-    sets SSL_CERT_FILE, so the broker reads one CA bundle; without it, on a Debian host, the TLS
-    stack also reads every file of /etc/ssl/certs (~300), which costs start-up time a pod never
-    pays (bench/RESULTS.md, Fleet)."""
+    So the broker loads trust roots as it does in a pod: the image sets SSL_CERT_FILE and no
+    SSL_CERT_DIR, so the broker reads one CA bundle. A host that sets SSL_CERT_DIR (as some CI
+    machines do) would make it also read every file of /etc/ssl/certs (~300), a start-up cost a
+    pod never pays (bench/RESULTS.md, Fleet)."""
     text = (ROOT / "scripts" / "build-image").read_text()
-    env = dict(m.split("=", 1) for m in re.findall(r"--config\.env (\S+)", text))
-    env.pop("PATH", None)
+    image = dict(m.split("=", 1) for m in re.findall(r"--config\.env (\S+)", text))
+    image.pop("PATH", None)
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    env.update(image)
     return env
 
 
@@ -257,7 +261,7 @@ class Broker:
     def __init__(self, procs, binary, out, name, fake=None, cpu=None, workers=None,
                  extra=(), preexec=None):
         self.port, self.admin = free_port(), free_port()
-        env = dict(os.environ, **image_env())
+        env = image_env()
         env.setdefault("RUST_LOG", "info")
         if workers:
             env["IMDS_BROKER_WORKER_THREADS"] = str(workers)
@@ -519,7 +523,7 @@ def start_up(cfg, procs, out, paths, fake):
             "--identity-header", SECRET]
     for name, extra in (("entra", fake.broker_args()), ("emulate", ["--emulate"])):
         p = subprocess.run(base + extra, capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, **image_env()))
+                           env=image_env())
         if p.returncode != 0:
             raise Failure(f"start-up ({name}): {p.stderr.strip()}")
         res[name] = json.loads(p.stdout)

@@ -264,7 +264,7 @@ async def fleet_run(procs, binary, fake, n, token_files, spread_s=0.0):
     """Starts n brokers back to back, or evenly over `spread_s` (yielding to the event loop
     between starts, so a broker already up is served while later ones start), drives each,
     returns the records."""
-    env = dict(os.environ, RUST_LOG="info", **bench.image_env())
+    env = dict(bench.image_env(), RUST_LOG="info")
     started = []
     tasks = []
     t0 = time.monotonic()
@@ -526,7 +526,7 @@ class FakeFleet(Fake):
 async def solo(procs, paths, runs):
     """One broker alone, `runs` times in a row: the baseline of the fleet's targets."""
     fake = FakeFleet(procs, paths["fake"], delay_ms=ENTRA_DELAY_MS, extra=["--token-files", "1"])
-    env = dict(os.environ, RUST_LOG="info", **bench.image_env())
+    env = dict(bench.image_env(), RUST_LOG="info")
     first, both, ready, listening_ms, cpu = [], [], [], [], []
     for _ in range(runs):
         p, rec, reader, listening = await spawn(
@@ -571,7 +571,7 @@ async def idle_wakeups(procs, paths, secs):
     context switches of all its threads (sampled every second, per thread, so a thread that
     exits or starts within the window is still counted), and CPU seconds."""
     fake = FakeFleet(procs, paths["fake"], extra=["--token-files", "1"])
-    env = dict(os.environ, RUST_LOG="info", **bench.image_env())
+    env = dict(bench.image_env(), RUST_LOG="info")
     p, rec, reader, listening = await spawn(
         procs, broker_argv(paths["broker"], fake, fake.info["token_files"][0],
                            ["--prefetch", STORAGE]), env)
@@ -627,7 +627,7 @@ async def cost(procs, paths, cfg):
     client asks for both tokens every L/asks_per_hour s for `hours` simulated hours."""
     L, hours, asks = cfg["cost_lifetime"], cfg["cost_hours"], cfg["cost_asks_per_hour"]
     fake = FakeFleet(procs, paths["fake"], lifetime=L, extra=["--token-files", "1"])
-    env = dict(os.environ, RUST_LOG="info", **bench.image_env())
+    env = dict(bench.image_env(), RUST_LOG="info")
     p, rec, reader, listening = await spawn(
         procs, broker_argv(paths["broker"], fake, fake.info["token_files"][0],
                            ["--prefetch", STORAGE]), env)

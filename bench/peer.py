@@ -274,7 +274,7 @@ def startup(cfg, paths, fake, kind, ca_bundle):
     to become ready, so the proxy runs without the hosts override here."""
     env = dict(os.environ)
     if kind == "broker":
-        env.update(B.image_env())
+        env = B.image_env()
         admin = B.free_port()
         cmd = [str(paths["broker"]), "serve", "--listen", f"127.0.0.1:{B.free_port()}",
                "--admin-listen", f"127.0.0.1:{admin}", "--identity-header", B.SECRET] + fake.broker_args()
