@@ -3,7 +3,7 @@
 - the PodMonitors and PrometheusRules decode strictly into the Prometheus Operator's own Go
   types (monitoringcheck, built from tests/packaging/tools);
 - the rules file passes `promtool check rules`, and prometheusrule.yml holds the same rules;
-- what they select matches the pods: the sidecar's admin port name (src/webhook/patch/mod.rs) and
+- what they select matches the pods: the sidecar's admin port name (src/webhook/patch/sidecar.rs) and
   the webhook's port and labels (deploy/base), in the PodMonitors and the plain scrape config;
 - every metric an alert uses is a documented metric (or a kube-state-metrics one).
 """
@@ -27,9 +27,9 @@ def load(path):
 
 
 def sidecar_port_name():
-    src = (ROOT / "src" / "webhook" / "patch" / "mod.rs").read_text()
+    src = (ROOT / "src" / "webhook" / "patch" / "sidecar.rs").read_text()
     m = re.search(r'ports: Some\(vec!\[ContainerPort \{\s*name: Some\("([a-z0-9-]+)"', src)
-    assert m, "sidecar port name not found in src/webhook/patch/mod.rs"
+    assert m, "sidecar port name not found in src/webhook/patch/sidecar.rs"
     return m.group(1)
 
 

@@ -14,17 +14,18 @@
 //!   handed a credential);
 //! - the annotation [`INJECTED_ANNOTATION`] as a marker for humans and tooling.
 
+mod pod;
+mod sidecar;
+
+pub use pod::{is_host_network, is_injected, is_opted_out, is_windows, token_expiration};
+pub use sidecar::{sidecar_container, token_volume};
+
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
-use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Pod, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::api::core::v1::{Container, Pod};
 use serde::Serialize;
 use serde_json::Value;
+use sidecar::env;
 use std::collections::BTreeMap;
 
 /// Name of the injected sidecar container; its presence marks a pod as already injected.
@@ -123,61 +124,6 @@ pub struct Injection<'a> {
     pub token_expiration_seconds: i64,
 }
 
-/// True when the pod already carries the sidecar (re-invocation, or a pod created from an
-/// already-mutated spec).
-pub fn is_injected(pod: &Pod) -> bool {
-    let Some(spec) = &pod.spec else { return false };
-    let named = |c: &Container| c.name == SIDECAR_NAME;
-    spec.containers.iter().any(named) || spec.init_containers.iter().flatten().any(named)
-}
-
-/// True when the pod opts out with `imds-broker.io/inject: "false"` (also `0`, `no`, `off`,
-/// any case). Any other value, or no annotation, means "inject".
-pub fn is_opted_out(pod: &Pod) -> bool {
-    annotation(pod, INJECT_ANNOTATION).is_some_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "false" | "0" | "no" | "off"
-        )
-    })
-}
-
-/// The token lifetime for this pod: the annotation's value when present and valid, else
-/// `default`. `Err` carries a warning for the user (and the default is to be used).
-pub fn token_expiration(pod: &Pod, default: i64) -> Result<i64, String> {
-    let Some(raw) = annotation(pod, TOKEN_EXPIRATION_ANNOTATION) else {
-        return Ok(default);
-    };
-    match raw.trim().parse::<i64>() {
-        Ok(v) if (MIN_TOKEN_EXPIRATION..=MAX_TOKEN_EXPIRATION).contains(&v) => Ok(v),
-        _ => Err(format!(
-            "imds-broker: annotation {TOKEN_EXPIRATION_ANNOTATION}={raw:?} is not a number of \
-             seconds between {MIN_TOKEN_EXPIRATION} and {MAX_TOKEN_EXPIRATION}; using {default}"
-        )),
-    }
-}
-
-/// True for pods that will run on Windows nodes: the broker image is Linux-only.
-pub fn is_windows(pod: &Pod) -> bool {
-    let Some(spec) = &pod.spec else { return false };
-    let os = spec.os.as_ref().map(|o| o.name.as_str());
-    let selector = spec
-        .node_selector
-        .as_ref()
-        .and_then(|s| s.get("kubernetes.io/os"))
-        .map(String::as_str);
-    os == Some("windows") || selector == Some("windows")
-}
-
-/// True for pods in the node's network namespace: the sidecar's loopback listener would be
-/// the node's, shared with every other such pod, and its admin port would open on the node.
-pub fn is_host_network(pod: &Pod) -> bool {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.host_network)
-        .unwrap_or(false)
-}
-
 /// Builds the JSONPatch that injects the broker. Returns an empty patch for a pod that is
 /// already injected or has no spec.
 pub fn build_patch(pod: &Pod, config: &SidecarConfig, inj: &Injection<'_>) -> Vec<PatchOperation> {
@@ -271,158 +217,8 @@ fn app_env_ops(
     ops
 }
 
-/// The native-sidecar container.
-pub fn sidecar_container(config: &SidecarConfig, inj: &Injection<'_>) -> Container {
-    let token_file = format!("{TOKEN_MOUNT_PATH}/{TOKEN_FILE_NAME}");
-    let mut env_vars = vec![
-        env("AZURE_CLIENT_ID", &inj.identity.client_id),
-        env("AZURE_TENANT_ID", &inj.identity.tenant_id),
-        env("AZURE_FEDERATED_TOKEN_FILE", &token_file),
-        env("IDENTITY_HEADER", inj.identity_header),
-        env("IMDS_BROKER_LISTEN", &format!("127.0.0.1:{}", config.port)),
-        env(
-            "IMDS_BROKER_ADMIN_LISTEN",
-            &format!("0.0.0.0:{}", config.admin_port),
-        ),
-    ];
-    if config.audience != DEFAULT_AUDIENCE {
-        env_vars.push(env("IMDS_BROKER_TOKEN_AUDIENCE", &config.audience));
-    }
-    if let Some(host) = &config.authority_host {
-        env_vars.push(env("AZURE_AUTHORITY_HOST", host));
-    }
-    if !config.allow_resources.is_empty() {
-        env_vars.push(env(
-            "IMDS_BROKER_ALLOW_RESOURCES",
-            &config.allow_resources.join(","),
-        ));
-    }
-    if !config.prefetch.is_empty() {
-        env_vars.push(env("IMDS_BROKER_PREFETCH", &config.prefetch.join(",")));
-    }
-    Container {
-        name: SIDECAR_NAME.into(),
-        image: Some(config.image.clone()),
-        image_pull_policy: Some(config.image_pull_policy.clone()),
-        args: Some(vec!["serve".into()]),
-        restart_policy: Some("Always".into()),
-        env: Some(env_vars),
-        ports: Some(vec![ContainerPort {
-            name: Some("broker-admin".into()),
-            container_port: i32::from(config.admin_port),
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
-        startup_probe: Some(http_probe("/readyz", config.admin_port, 1, 30)),
-        liveness_probe: Some(http_probe("/healthz", config.admin_port, 10, 3)),
-        resources: Some(resources(config)),
-        security_context: Some(security_context()),
-        termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: TOKEN_VOLUME_NAME.into(),
-            mount_path: TOKEN_MOUNT_PATH.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
-        ..Default::default()
-    }
-}
-
-/// The projected service-account token volume. Its file mode is left to the API default
-/// (0644): kubelet narrows it to 0600 owned by the pod's user only when every container runs
-/// as the same user (or to group-readable with `fsGroup`), so the non-root sidecar can read
-/// it in a pod whose app runs as root. Only the sidecar mounts it.
-pub fn token_volume(config: &SidecarConfig, expiration_seconds: i64) -> Volume {
-    Volume {
-        name: TOKEN_VOLUME_NAME.into(),
-        projected: Some(ProjectedVolumeSource {
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(config.audience.clone()),
-                    expiration_seconds: Some(expiration_seconds),
-                    path: TOKEN_FILE_NAME.into(),
-                }),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn security_context() -> SecurityContext {
-    SecurityContext {
-        // Explicit user and group: the pod-level `runAsUser: 0` Velero sets would otherwise
-        // be inherited and make `runAsNonRoot` refuse to start the container.
-        run_as_non_root: Some(true),
-        run_as_user: Some(SIDECAR_UID),
-        run_as_group: Some(SIDECAR_UID),
-        read_only_root_filesystem: Some(true),
-        allow_privilege_escalation: Some(false),
-        privileged: Some(false),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            ..Default::default()
-        }),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn resources(config: &SidecarConfig) -> ResourceRequirements {
-    let list = |pairs: [(&str, &Option<String>); 2]| {
-        let map: BTreeMap<String, Quantity> = pairs
-            .into_iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), Quantity(v.clone()))))
-            .collect();
-        (!map.is_empty()).then_some(map)
-    };
-    ResourceRequirements {
-        requests: list([
-            ("cpu", &config.cpu_request),
-            ("memory", &config.memory_request),
-        ]),
-        limits: list([("cpu", &config.cpu_limit), ("memory", &config.memory_limit)]),
-        ..Default::default()
-    }
-}
-
-fn http_probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
-    Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::Int(i32::from(port)),
-            scheme: Some("HTTP".into()),
-            ..Default::default()
-        }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        timeout_seconds: Some(1),
-        ..Default::default()
-    }
-}
-
-fn env(name: &str, value: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
-}
-
 fn sets_env(container: &Container, name: &str) -> bool {
     container.env.iter().flatten().any(|e| e.name == name)
-}
-
-fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
 }
 
 /// An `add` operation; the path tokens are escaped per RFC 6901 (`/` → `~1`, `~` → `~0`).
