@@ -39,7 +39,7 @@ if [ "$profile" = release ]; then
     scripts/build-release >/dev/null
     dir=$(scripts/build-release --example bench_client --example fake_entra --example hyper_static | tail -n1)
 else
-    cargo build --bin imds-broker --example bench_client --example fake_entra --example hyper_static >&2
+    cargo build --locked --bin imds-broker --example bench_client --example fake_entra --example hyper_static >&2
     dir=target/debug
 fi
 

@@ -8,21 +8,33 @@
 # cold path, wrong refresh count, a broker not answering; in the fleet: a broker without its
 # tokens, Entra calls != 2 per broker, a client failure within its retry budget, a call before
 # Retry-After), never on performance numbers. It drives the shipped binary
-# (scripts/build-release: release, static), so the test run also proves that build works;
-# BENCH_PROFILE=debug uses the debug build the tests already have.
+# (scripts/build-release: release, static), so the test run also proves that build works. The
+# harness's own tools (fake Entra, load client, bare hyper) are the debug builds the tests
+# already compiled: a release build of them would compile the whole dependency graph a second
+# time (their dev-dependency features differ from the broker's) for numbers the smoke run
+# never judges. BENCH_PROFILE=debug drives the debug broker too; BENCH_PROFILE=release builds
+# everything as bench/run.sh does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n 8192 2>/dev/null || true
-dir=$(bench/setup.sh "${BENCH_PROFILE:-release}" | tail -n1)
+case "${BENCH_PROFILE:-shipped}" in
+    shipped)
+        tools=$(bench/setup.sh debug | tail -n1)
+        broker=$(scripts/build-release | tail -n1)/imds-broker ;;
+    debug|release)
+        tools=$(bench/setup.sh "$BENCH_PROFILE" | tail -n1)
+        broker=$tools/imds-broker ;;
+    *) echo "BENCH_PROFILE must be shipped, debug or release" >&2; exit 2 ;;
+esac
+fake=$tools/examples/fake_entra
 status=0
 # The webhook under large reviews and idle connections (about 5 s; functional checks only).
-python3 bench/webhook_load.py "$dir/imds-broker" || status=$?
+python3 bench/webhook_load.py "$broker" || status=$?
 # One broker at the worst load the limits allow: 512 full heads, 64 cold resources (~5 s).
-python3 bench/broker_load.py "$dir/imds-broker" "$dir/examples/fake_entra" || status=$?
+python3 bench/broker_load.py "$broker" "$fake" || status=$?
 python3 bench/bench.py --mode smoke --out bench/out/smoke \
-    --broker "$dir/imds-broker" --client "$dir/examples/bench_client" --fake "$dir/examples/fake_entra" \
-    --hyper "$dir/examples/hyper_static" "$@" || status=$?
+    --broker "$broker" --client "$tools/examples/bench_client" --fake "$fake" \
+    --hyper "$tools/examples/hyper_static" "$@" || status=$?
 # The fleet runs even if the above failed, so one run reports both.
-python3 bench/fleet.py --mode smoke --out bench/out/smoke \
-    --broker "$dir/imds-broker" --fake "$dir/examples/fake_entra" || status=$?
+python3 bench/fleet.py --mode smoke --out bench/out/smoke --broker "$broker" --fake "$fake" || status=$?
 exit $status
