@@ -181,7 +181,11 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
         .unwrap();
     assert_eq!(resp.status(), 200);
 
-    // Metrics on the plain-HTTP admin listener.
+    // Readiness and metrics on the plain-HTTP admin listener.
+    let ready = reqwest::get(format!("http://{}/readyz", webhook.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
     let metrics = reqwest::get(format!("http://{}/metrics", webhook.admin_addr))
         .await
         .unwrap()
