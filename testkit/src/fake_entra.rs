@@ -136,7 +136,8 @@ impl Bucket {
     }
 }
 
-/// Payload of an access token issued by the fake (decode with [`FakeAccessToken::decode`]).
+/// The claims of an access token issued by the fake that tests read (decode with
+/// [`FakeAccessToken::decode`]; the token also carries `oid` and `nbf`).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct FakeAccessToken {
     /// The resource: the requested scope without its `/.default` suffix.
@@ -145,13 +146,11 @@ pub struct FakeAccessToken {
     pub scope: String,
     pub appid: String,
     pub tid: String,
-    pub oid: String,
     /// 1-based count of tokens issued by this server (distinct per successful call).
     pub seq: u64,
     /// 1-based number of the call (see [`FakeEntra::calls`]) that produced the token.
     pub call: u64,
     pub iat: i64,
-    pub nbf: i64,
     pub exp: i64,
 }
 
