@@ -16,8 +16,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 /// `https://localhost:PORT`; the IP form is there for clients that dial the address directly.
 const SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
 
-/// A CA plus one server certificate, with PEM files in a private temp dir that lives as long as
-/// this value.
+/// A CA plus one server certificate, the CA also as a PEM file in a private temp dir that lives as
+/// long as this value.
 pub struct TestPki {
     ca_pem: String,
     ca_der: CertificateDer<'static>,
