@@ -22,15 +22,17 @@ ARG SOURCE=https://github.com/example/imds-broker
 # ---- build: the shipped binary (scripts/build-release: release, glibc linked statically) ----
 FROM rust:1-bookworm AS build
 WORKDIR /src
-# 1. Dependencies only, as a cached layer: the manifest, the lock file and empty crate roots.
-#    This layer is rebuilt only when Cargo.toml or Cargo.lock change.
+# 1. Dependencies only, as a cached layer: the manifests, the lock file and empty crate roots.
+#    This layer is rebuilt only when a Cargo.toml or Cargo.lock change. testkit/ (the test-support
+#    workspace member) is never built here, but Cargo reads its manifest to resolve the workspace.
 COPY Cargo.toml Cargo.lock ./
+COPY testkit/Cargo.toml testkit/Cargo.toml
 COPY scripts/build-release scripts/build-release
-RUN mkdir -p src \
+RUN mkdir -p src testkit/src \
  && echo 'fn main() {}' > src/main.rs \
- && touch src/lib.rs \
+ && touch src/lib.rs testkit/src/lib.rs \
  && scripts/build-release > /dev/null \
- && rm -rf src
+ && rm -rf src testkit/src
 # 2. The crate itself. The whole context (.dockerignore drops target/, .git, docs, manifests):
 #    Cargo resolves every target the manifest declares, so tests/, examples/ and benches stay in.
 #    `touch` makes Cargo rebuild the crate over the stub of step 1 whatever the copied mtimes.

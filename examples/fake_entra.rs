@@ -33,16 +33,6 @@
 //!         `[--oidc-issuer URL [--oidc-issuer-ca PEM]] [--federated-subject SUB]` (a real OIDC
 //!         issuer, e.g. a kube-apiserver: assertions are verified with its published JWKS)
 
-// Only the support modules this needs, as top-level modules (they refer to each other through
-// `super::`): the rest of tests/support, e.g. the broker launcher, relies on test-only build
-// variables such as CARGO_BIN_EXE_*.
-#[path = "../tests/support/fake_entra.rs"]
-mod fake_entra;
-#[path = "../tests/support/issuer.rs"]
-mod issuer;
-#[path = "../tests/support/tls.rs"]
-mod tls;
-
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,10 +40,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use fake_entra::{FakeEntra, Fault, RateLimit};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use testkit::fake_entra::{FakeEntra, Fault, OidcIssuer, RateLimit};
 
 #[derive(Parser, Debug)]
 #[command(about = "Fake Entra ID token endpoint for benchmarks and the conformance suite")]
@@ -117,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
             ),
             None => None,
         };
-        fake.set_federated_oidc_issuer(fake_entra::OidcIssuer { issuer, ca_pem });
+        fake.set_federated_oidc_issuer(OidcIssuer { issuer, ca_pem });
     }
     if let Some(subject) = args.federated_subject.clone() {
         fake.set_federated_subject(subject);
@@ -204,7 +194,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Writes `token-i` with `jti` = `fleet-i` (1-based, as the file names).
 fn write_fleet_tokens(
-    issuer: &issuer::TestIssuer,
+    issuer: &testkit::issuer::TestIssuer,
     files: &[std::path::PathBuf],
 ) -> std::io::Result<()> {
     for (i, file) in files.iter().enumerate() {

@@ -21,6 +21,6 @@ fi
 
 # Fresh mutated pods (target/webhook-mutated/*.json): the golden test writes them.
 rm -rf "${CARGO_TARGET_DIR:-target}/webhook-mutated"
-cargo test --quiet --locked --test webhook_golden
+cargo test --quiet --locked --test e2e webhook_golden::
 
 "$VENV/bin/python" tests/validate_k8s.py

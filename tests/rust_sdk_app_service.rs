@@ -2,13 +2,15 @@
 //! broker's App Service endpoint. One test per binary: the SDK reads IDENTITY_ENDPOINT and
 //! IDENTITY_HEADER from the process environment, which must not change under other tests.
 
-mod support;
-
 use azure_core::credentials::TokenCredential;
 use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId};
+use std::process::Command;
 use std::time::Duration;
-use support::broker::{token_dir, BrokerBuilder, IDENTITY_HEADER, STORAGE};
-use support::fake_entra::{FakeAccessToken, FakeEntra};
+use testkit::fake_entra::{FakeAccessToken, FakeEntra};
+use testkit::process::{bound_addr, Process};
+
+const STORAGE: &str = "https://storage.azure.com/";
+const IDENTITY_HEADER: &str = "test-identity-header-5ecr3t";
 
 fn credential(id: Option<UserAssignedId>) -> std::sync::Arc<ManagedIdentityCredential> {
     // azure_core is built without a default TLS provider (see examples/rust_mi_client.rs).
@@ -23,14 +25,31 @@ fn credential(id: Option<UserAssignedId>) -> std::sync::Arc<ManagedIdentityCrede
 #[tokio::test]
 async fn rust_managed_identity_credential_gets_tokens_from_app_service_endpoint() {
     let fake = FakeEntra::start();
-    let (_dir, tf) = token_dir(&fake);
-    let broker = BrokerBuilder::entra(&fake, &tf)
-        .args(["--allow-resource", STORAGE])
-        .spawn()
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    fake.issuer().write_to(&token_file).unwrap();
+    // The broker binary on testkit's harness (tests/e2e/support has the full builder).
+    let mut broker = Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+            .args(["--log-format", "json", "serve"])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--client-id", &fake.client_id()])
+            .args(["--tenant-id", &fake.tenant_id()])
+            .args(["--authority-host", &fake.authority()])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--ca-file")
+            .arg(fake.ca_file())
+            .args(["--allow-resource", STORAGE])
+            .env_clear()
+            .env("IDENTITY_HEADER", IDENTITY_HEADER),
+    );
+    let listening = broker
+        .expect_json_line("imds-broker listening", Duration::from_secs(20))
         .await;
     std::env::set_var(
         "IDENTITY_ENDPOINT",
-        format!("http://{}/msi/token", broker.token_addr),
+        format!("http://{}/msi/token", bound_addr(&listening, "listen")),
     );
     std::env::set_var("IDENTITY_HEADER", IDENTITY_HEADER);
 

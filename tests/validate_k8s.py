@@ -7,7 +7,7 @@ native sidecars (1.29) up to the newest the package ships:
   when one is installed; otherwise each resource file on its own), plus consistency checks the
   schemas cannot express (webhook <-> Service <-> Deployment <-> PDB <-> RBAC <-> certificate);
 - the pods the golden test mutated (<target>/webhook-mutated/*.json, written by
-  `cargo test --test webhook_golden`) and the Velero pod fixtures they came from.
+  `cargo test --test e2e webhook_golden::`) and the Velero pod fixtures they came from.
 
 cert-manager kinds have no schema in kubernetes-validate; they get a structural check here.
 
@@ -403,7 +403,7 @@ def main():
     mutated = sorted(glob.glob(os.path.join(args.mutated, "*.json")))
     def enough_mutated_pods():
         assert len(mutated) >= len(fixtures), (
-            f"{len(mutated)} found, {len(fixtures)} expected: run `cargo test --test webhook_golden` first"
+            f"{len(mutated)} found, {len(fixtures)} expected: run `cargo test --test e2e webhook_golden::` first"
         )
 
     check(f"mutated pods present in {os.path.relpath(args.mutated, ROOT)}", enough_mutated_pods)

@@ -49,6 +49,10 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
 
     let listener = listener::bind(args.listen, "webhook")?;
     let admin_listener = listener::bind(args.admin_listen, "admin")?;
+    // Logged as bound (port 0 resolves to the real port), for people and test harnesses.
+    let bound =
+        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (listen_bound, admin_bound) = (bound(&listener), bound(&admin_listener));
     let (trigger, shutdown) = listener::shutdown_channel();
     let ready = Arc::new(AtomicBool::new(true));
 
@@ -124,7 +128,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         },
     ));
 
-    tracing::info!(listen = %args.listen, admin_listen = %args.admin_listen, "webhook serving");
+    tracing::info!(listen = %listen_bound, admin_listen = %admin_bound, "webhook serving");
     listener::termination_signal().await;
     ready.store(false, Ordering::Relaxed);
     if !args.shutdown_delay.is_zero() {

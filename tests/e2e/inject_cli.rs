@@ -51,7 +51,7 @@ data:
 "#;
 
 fn inject(input: &str, extra: &[&str]) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+    let mut child = Command::new(crate::support::BIN)
         .args([
             "inject",
             "-f",

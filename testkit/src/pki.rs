@@ -2,7 +2,6 @@
 //!
 //! The CA certificate is written to a file so a spawned broker can be told to trust it with
 //! `--ca-file PATH`; nothing here touches the system trust store.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,10 +14,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// Names the server certificate is valid for. Entra's authority is given to the broker as
 /// `https://localhost:PORT`; the IP form is there for clients that dial the address directly.
-pub const SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
+const SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
 
-/// A CA plus one server certificate, with PEM files in a private temp dir that lives as long as
-/// this value.
+/// A CA plus one server certificate, the CA also as a PEM file in a private temp dir that lives as
+/// long as this value.
 pub struct TestPki {
     ca_pem: String,
     ca_der: CertificateDer<'static>,
@@ -27,15 +26,13 @@ pub struct TestPki {
     server_key_der: PrivatePkcs8KeyDer<'static>,
     server_key_pem: String,
     ca_file: PathBuf,
-    server_cert_file: PathBuf,
-    server_key_file: PathBuf,
-    // Kept for its Drop: removes the PEM files.
-    dir: tempfile::TempDir,
+    // Kept for its Drop: removes the CA file.
+    _dir: tempfile::TempDir,
 }
 
 impl TestPki {
-    /// Generates a fresh CA and server certificate (ECDSA P-256, fast) and writes
-    /// `ca.pem`, `server.pem` and `server-key.pem` into a new temp dir.
+    /// Generates a fresh CA and server certificate (ECDSA P-256, fast) and writes the CA
+    /// certificate to `ca.pem` in a new temp dir.
     ///
     /// Panics with context on failure: this is test set-up, there is nothing to recover.
     pub fn new() -> Self {
@@ -74,17 +71,8 @@ impl TestPki {
             .tempdir()
             .expect("test PKI: create temp dir");
         let ca_file = dir.path().join("ca.pem");
-        let server_cert_file = dir.path().join("server.pem");
-        let server_key_file = dir.path().join("server-key.pem");
-        let server_key_pem = server_key.serialize_pem();
-        for (path, contents) in [
-            (&ca_file, ca_cert.pem()),
-            (&server_cert_file, server_cert.pem()),
-            (&server_key_file, server_key_pem.clone()),
-        ] {
-            std::fs::write(path, contents)
-                .unwrap_or_else(|e| panic!("test PKI: write {}: {e}", path.display()));
-        }
+        std::fs::write(&ca_file, ca_cert.pem())
+            .unwrap_or_else(|e| panic!("test PKI: write {}: {e}", ca_file.display()));
 
         TestPki {
             ca_pem: ca_cert.pem(),
@@ -92,22 +80,15 @@ impl TestPki {
             server_cert_pem: server_cert.pem(),
             server_cert_der: server_cert.der().clone(),
             server_key_der: PrivatePkcs8KeyDer::from(server_key.serialize_der()),
-            server_key_pem,
+            server_key_pem: server_key.serialize_pem(),
             ca_file,
-            server_cert_file,
-            server_key_file,
-            dir,
+            _dir: dir,
         }
     }
 
     /// CA certificate, PEM.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
-    }
-
-    /// CA certificate, DER.
-    pub fn ca_der(&self) -> &CertificateDer<'static> {
-        &self.ca_der
     }
 
     /// Path of the CA PEM file (what the broker gets as `--ca-file`).
@@ -130,24 +111,9 @@ impl TestPki {
         &self.server_key_pem
     }
 
-    /// Path of the server certificate PEM file (for TLS servers under test, e.g. the webhook).
-    pub fn server_cert_file(&self) -> &Path {
-        &self.server_cert_file
-    }
-
-    /// Path of the server private key PEM file (PKCS#8).
-    pub fn server_key_file(&self) -> &Path {
-        &self.server_key_file
-    }
-
-    /// The temp dir holding the PEM files.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// A rustls server config presenting the server certificate, HTTP/1.1 only (the ALPN
     /// answer keeps clients that offer h2 on HTTP/1.1, which is all the fake speaks).
-    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+    pub(crate) fn server_config(&self) -> Arc<rustls::ServerConfig> {
         let provider = imds_broker::crypto::provider();
         let key = PrivateKeyDer::Pkcs8(self.server_key_der.clone_key());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -162,7 +128,7 @@ impl TestPki {
 
     /// A reqwest client that trusts only this CA (not the system roots), so a test proves the
     /// chain is actually used.
-    pub fn reqwest_client(&self) -> reqwest::Client {
+    pub(crate) fn reqwest_client(&self) -> reqwest::Client {
         let ca = reqwest::Certificate::from_der(self.ca_der.as_ref())
             .expect("test PKI: CA certificate for reqwest");
         imds_broker::crypto::install_default();

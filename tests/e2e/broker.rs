@@ -1,12 +1,10 @@
 //! End-to-end tests of the real `imds-broker serve` binary against the fake Entra (HTTPS, test
 //! CA) or the built-in emulator.
 
-mod support;
-
+use crate::support::broker::{enc, token_dir, BrokerBuilder, ARM, IDENTITY_HEADER, STORAGE};
 use futures::future::join_all;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use support::broker::{enc, token_dir, BrokerBuilder, ARM, IDENTITY_HEADER, STORAGE};
-use support::fake_entra::{FakeAccessToken, FakeEntra, Fault};
+use testkit::fake_entra::{FakeAccessToken, FakeEntra, Fault};
 
 fn now() -> u64 {
     SystemTime::now()
@@ -17,7 +15,7 @@ fn now() -> u64 {
 
 /// Asks the broker until it serves a token with sequence >= `n`: the fake counts a token as
 /// issued before the broker has received and stored it. Bounded at 5 s.
-async fn wait_served_seq(broker: &support::broker::Broker, n: u64) -> u64 {
+async fn wait_served_seq(broker: &crate::support::broker::Broker, n: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let r = broker.imds_token(STORAGE).await;
@@ -1035,7 +1033,7 @@ async fn emulator_needs_no_token_file_and_issues_jwts() {
 
 /// Runs `imds-broker serve ARGS` with an empty environment; it must fail. Its stderr.
 fn serve_fails(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+    let out = std::process::Command::new(crate::support::BIN)
         .arg("serve")
         .args(args)
         .env_clear()

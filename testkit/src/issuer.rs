@@ -3,11 +3,10 @@
 //! The signing key is the fixed test-only key in `tests/fixtures/test-issuer-key.pem`, so the
 //! fake Entra server (and anything else) can verify tokens without sharing state with the
 //! issuer instance that minted them.
-#![allow(dead_code)]
 
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -17,28 +16,28 @@ use rustls_pki_types::PrivatePkcs8KeyDer;
 use serde::Serialize;
 
 /// Issuer URL of the default test cluster (what a federated credential's `issuer` must equal).
-pub const DEFAULT_ISSUER: &str = "https://oidc.test.local/issuer";
+pub(crate) const DEFAULT_ISSUER: &str = "https://oidc.test.local/issuer";
 /// Subject of Velero's server service account, the default workload.
 pub const DEFAULT_SUBJECT: &str = "system:serviceaccount:velero:velero-server";
 /// Audience Entra expects for public-cloud workload identity federation.
-pub const DEFAULT_AUDIENCE: &str = "api://AzureADTokenExchange";
-/// `kid` put in every token header (and in [`TestIssuer::jwks`]).
-pub const KEY_ID: &str = "imds-broker-test-issuer-key-1";
+pub(crate) const DEFAULT_AUDIENCE: &str = "api://AzureADTokenExchange";
+/// `kid` put in every token header.
+const KEY_ID: &str = "imds-broker-test-issuer-key-1";
 
 /// The fixed test-only private key (PKCS#8 PEM). Embedded so tests do not depend on the
 /// working directory.
-pub const KEY_PEM: &str = include_str!("../fixtures/test-issuer-key.pem");
+const KEY_PEM: &str = include_str!("../../tests/fixtures/test-issuer-key.pem");
 
 /// Claims of a projected service-account token. Build with [`SaClaims::new`] (or
 /// [`TestIssuer::claims`]) and adjust with the `with_*` / [`SaClaims::expired`] builders.
 #[derive(Clone, Debug, Serialize)]
 pub struct SaClaims {
-    pub iss: String,
+    iss: String,
     pub sub: String,
     /// Kubernetes always emits `aud` as an array.
     pub aud: Vec<String>,
     pub iat: i64,
-    pub nbf: i64,
+    nbf: i64,
     pub exp: i64,
     /// Extra top-level claims (e.g. `kubernetes.io`); flattened into the payload.
     #[serde(flatten)]
@@ -61,7 +60,7 @@ impl SaClaims {
         }
     }
 
-    pub fn with_iss(mut self, iss: impl Into<String>) -> Self {
+    fn with_iss(mut self, iss: impl Into<String>) -> Self {
         self.iss = iss.into();
         self
     }
@@ -93,21 +92,6 @@ impl SaClaims {
         self.iat = now;
         self.nbf = now + 600;
         self.exp = now + 4200;
-        self
-    }
-
-    /// Issued now (minus 10 s of skew), expiring after `lifetime`.
-    pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
-        let now = unix_now();
-        self.iat = now - 10;
-        self.nbf = now - 10;
-        self.exp = now + lifetime.as_secs() as i64;
-        self
-    }
-
-    /// Sets `exp` (Unix seconds) directly.
-    pub fn with_exp(mut self, exp: i64) -> Self {
-        self.exp = exp;
         self
     }
 
@@ -197,23 +181,9 @@ impl TestIssuer {
     }
 
     /// Verification key for the fake Entra server.
-    pub fn decoding_key(&self) -> DecodingKey {
+    pub(crate) fn decoding_key(&self) -> DecodingKey {
         DecodingKey::from_rsa_components(&self.n, &self.e)
             .expect("test issuer: decoding key from JWK components")
-    }
-
-    /// The issuer's JWKS document (as a Kubernetes API server serves at `/openid/v1/jwks`).
-    pub fn jwks(&self) -> serde_json::Value {
-        serde_json::json!({
-            "keys": [{
-                "use": "sig",
-                "kty": "RSA",
-                "kid": KEY_ID,
-                "alg": "RS256",
-                "n": self.n,
-                "e": self.e,
-            }]
-        })
     }
 }
 
@@ -225,7 +195,7 @@ impl Default for TestIssuer {
 
 /// Writes `token` to `path` the way kubelet updates a projected volume: write a temp file in
 /// the same directory, then rename over the target, so a reader never sees a partial token.
-pub fn write_token_file(path: impl AsRef<Path>, token: &str) -> std::io::Result<()> {
+fn write_token_file(path: impl AsRef<Path>, token: &str) -> std::io::Result<()> {
     let path = path.as_ref();
     let with_context = |what: &str, e: std::io::Error| {
         std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
@@ -246,7 +216,7 @@ pub fn write_token_file(path: impl AsRef<Path>, token: &str) -> std::io::Result<
     Ok(())
 }
 
-pub fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

@@ -2,8 +2,8 @@
 //! review-level decisions (non-matching, opt-out, already injected, no identity, ...).
 //!
 //! Expected patches live in tests/fixtures/golden/; regenerate them with
-//! `UPDATE_GOLDEN=1 cargo test --test webhook_golden` and review the diff. Every mutated pod is
-//! also written to `<target>/webhook-mutated/` for the Kubernetes schema validation in
+//! `UPDATE_GOLDEN=1 cargo test --test e2e webhook_golden::` and review the diff. Every mutated
+//! pod is also written to `<target>/webhook-mutated/` for the Kubernetes schema validation in
 //! tests/validate_k8s.py.
 
 use async_trait::async_trait;

@@ -10,7 +10,6 @@
 //! it and closes every connection.
 //!
 //! Tokens (assertions or access tokens) are never logged.
-#![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -36,18 +35,18 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 
-use super::issuer::{TestIssuer, DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_SUBJECT};
-use super::tls::TestPki;
+use crate::issuer::{TestIssuer, DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_SUBJECT};
+use crate::pki::TestPki;
 
 /// Tenant (directory) ID the fake serves by default.
-pub const DEFAULT_TENANT_ID: &str = "5c8f1a2e-3b4d-4e6f-9a7b-1c2d3e4f5a6b";
+const DEFAULT_TENANT_ID: &str = "5c8f1a2e-3b4d-4e6f-9a7b-1c2d3e4f5a6b";
 /// Client (application) ID of the registered app by default.
-pub const DEFAULT_CLIENT_ID: &str = "0e7d6c5b-4a39-4281-b7f6-e5d4c3b2a190";
+const DEFAULT_CLIENT_ID: &str = "0e7d6c5b-4a39-4281-b7f6-e5d4c3b2a190";
 /// Object ID of the app's service principal (the `oid`/`sub` of issued access tokens).
-pub const SERVICE_PRINCIPAL_OBJECT_ID: &str = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a";
-pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+const SERVICE_PRINCIPAL_OBJECT_ID: &str = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a";
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Clock skew tolerated on the assertion's `exp` / `nbf`.
-pub const ASSERTION_CLOCK_SKEW_SECS: i64 = 60;
+const ASSERTION_CLOCK_SKEW_SECS: i64 = 60;
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Request bodies above this are refused (a real assertion is ~1 KiB).
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -56,10 +55,10 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// One federated identity credential of the registered app. Entra requires all three to match
 /// the assertion exactly (case-sensitive).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FederatedCredential {
-    pub issuer: String,
-    pub subject: String,
-    pub audience: String,
+struct FederatedCredential {
+    issuer: String,
+    subject: String,
+    audience: String,
 }
 
 impl Default for FederatedCredential {
@@ -96,10 +95,6 @@ pub enum Fault {
 pub struct CallRecord {
     /// When the request headers arrived.
     pub at: Instant,
-    pub method: String,
-    /// Tenant segment of the path.
-    pub tenant: String,
-    pub client_id: Option<String>,
     pub scope: Option<String>,
     /// The fault applied to this call, if any (a [`RateLimit`] refusal shows as
     /// `StatusRetryAfter(429, secs)`).
@@ -141,7 +136,8 @@ impl Bucket {
     }
 }
 
-/// Payload of an access token issued by the fake (decode with [`FakeAccessToken::decode`]).
+/// The claims of an access token issued by the fake that tests read (decode with
+/// [`FakeAccessToken::decode`]; the token also carries `oid` and `nbf`).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct FakeAccessToken {
     /// The resource: the requested scope without its `/.default` suffix.
@@ -150,13 +146,11 @@ pub struct FakeAccessToken {
     pub scope: String,
     pub appid: String,
     pub tid: String,
-    pub oid: String,
     /// 1-based count of tokens issued by this server (distinct per successful call).
     pub seq: u64,
     /// 1-based number of the call (see [`FakeEntra::calls`]) that produced the token.
     pub call: u64,
     pub iat: i64,
-    pub nbf: i64,
     pub exp: i64,
 }
 
@@ -349,10 +343,6 @@ impl FakeEntra {
         )
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
@@ -360,10 +350,6 @@ impl FakeEntra {
     /// PEM file of the CA that signed the server certificate (`--ca-file`).
     pub fn ca_file(&self) -> &Path {
         self.pki.ca_file()
-    }
-
-    pub fn pki(&self) -> &TestPki {
-        &self.pki
     }
 
     /// The issuer whose key the fake trusts; its default claims match the default record.
@@ -384,14 +370,6 @@ impl FakeEntra {
         self.shared.config().client_id.clone()
     }
 
-    pub fn federated_credential(&self) -> FederatedCredential {
-        self.shared.config().federated.clone()
-    }
-
-    pub fn token_lifetime(&self) -> Duration {
-        self.shared.config().token_lifetime
-    }
-
     // ---- configuration, effective for the next request ----
 
     pub fn set_tenant_id(&self, tenant_id: impl Into<String>) {
@@ -402,20 +380,8 @@ impl FakeEntra {
         self.shared.config().client_id = client_id.into();
     }
 
-    pub fn set_federated_credential(&self, record: FederatedCredential) {
-        self.shared.config().federated = record;
-    }
-
     pub fn set_federated_subject(&self, subject: impl Into<String>) {
         self.shared.config().federated.subject = subject.into();
-    }
-
-    pub fn set_federated_issuer(&self, issuer: impl Into<String>) {
-        self.shared.config().federated.issuer = issuer.into();
-    }
-
-    pub fn set_federated_audience(&self, audience: impl Into<String>) {
-        self.shared.config().federated.audience = audience.into();
     }
 
     /// Trusts a real OIDC issuer (e.g. a Kubernetes API server's service-account issuer)
@@ -457,13 +423,6 @@ impl FakeEntra {
 
     pub fn clear_sticky_fault(&self) {
         lock(&self.shared.faults).sticky = None;
-    }
-
-    /// Clears both the queue and the sticky fault.
-    pub fn clear_faults(&self) {
-        let mut faults = lock(&self.shared.faults);
-        faults.queue.clear();
-        faults.sticky = None;
     }
 
     /// Throttles the token endpoint with a token bucket (see [`RateLimit`]), starting full;
@@ -760,9 +719,6 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
         }
         stats.calls.push(CallRecord {
             at: arrived,
-            method: method.to_string(),
-            tenant: tenant.clone(),
-            client_id: form_ref.and_then(|f| f.get("client_id").cloned()),
             scope,
             fault: fault.clone(),
             jti,
@@ -969,7 +925,7 @@ fn validate_and_issue(
     verify_assertion(&key, assertion, &federated)?;
 
     let seq = shared.token_seq.fetch_add(1, Ordering::Relaxed) + 1;
-    let now = super::issuer::unix_now();
+    let now = crate::issuer::unix_now();
     let lifetime_secs = lifetime.as_secs() as i64;
     let access_token = fake_access_token(&json!({
         "aud": resource,
@@ -1171,7 +1127,7 @@ fn verify_assertion(
         return Err(AadError::malformed_jwt());
     };
     let nbf = claims.get("nbf").and_then(Value::as_i64);
-    let now = super::issuer::unix_now();
+    let now = crate::issuer::unix_now();
     let too_late = now > exp + ASSERTION_CLOCK_SKEW_SECS;
     let too_early = nbf.is_some_and(|nbf| now + ASSERTION_CLOCK_SKEW_SECS < nbf);
     if too_late || too_early {

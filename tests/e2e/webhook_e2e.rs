@@ -2,152 +2,21 @@
 //! malformed input, certificate hot reload, the ServiceAccount lookup through a fake API
 //! server, metrics, and a clean exit on SIGTERM.
 
-#[path = "support/tls.rs"]
-mod tls;
+use crate::support::webhook::Webhook;
+use crate::support::BIN;
 use base64::Engine;
-use bytes::Bytes;
-use http_body_util::Full;
-use imds_broker::listener::{self as server, Limits};
 use serde_json::{json, Value};
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tls::TestPki;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use testkit::kube_api::{ApiRequest, KubeApi};
+use testkit::pki::TestPki;
 
 /// Writes like kubelet updates a Secret volume: a complete new file renamed into place.
 fn replace(path: &Path, contents: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, contents).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Webhook {
-    child: Child,
-    port: u16,
-    admin_port: u16,
-    log: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Webhook {
-    fn start(pki: &TestPki, extra: &[&str]) -> Webhook {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = dir.path().join("tls.crt");
-        let key = dir.path().join("tls.key");
-        std::fs::write(&cert, pki.server_cert_pem()).unwrap();
-        std::fs::write(&key, pki.server_key_pem()).unwrap();
-        let log = dir.path().join("webhook.log");
-        let (port, admin_port) = (free_port(), free_port());
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_imds-broker"))
-            .args(["--log-format", "text", "webhook"])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .arg("--tls-cert-file")
-            .arg(&cert)
-            .arg("--tls-key-file")
-            .arg(&key)
-            .args(["--tls-reload-interval", "100ms"])
-            .args(["--sidecar-image", "registry.example/imds-broker:test"])
-            .args(["--shutdown-delay", "0s"])
-            .args(extra)
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn imds-broker webhook");
-        let mut webhook = Webhook {
-            child,
-            port,
-            admin_port,
-            log,
-            cert,
-            key,
-            _dir: dir,
-        };
-        webhook.wait_ready();
-        webhook
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Polls /readyz (bounded), failing fast if the process exits.
-    fn wait_ready(&mut self) {
-        let url = format!("http://127.0.0.1:{}/readyz", self.admin_port);
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("webhook exited early ({status}):\n{}", self.logs());
-            }
-            if let Ok(status) = http_status(&url) {
-                if status == 200 {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("webhook not ready within 10 s:\n{}", self.logs());
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}/mutate", self.port)
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(killed.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        panic!("webhook did not exit after SIGTERM:\n{}", self.logs());
-    }
-}
-
-impl Drop for Webhook {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The status of a plain-HTTP GET, without an async runtime (used for polling /readyz).
-fn http_status(url: &str) -> std::io::Result<u16> {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_at(rest.find('/').unwrap());
-    let mut s = std::net::TcpStream::connect(host)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    buf.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no status line"))
 }
 
 /// A client trusting the given CAs, opening a fresh connection per request (so every
@@ -234,7 +103,8 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
             "--tenant-id",
             "flag-tenant",
         ],
-    );
+    )
+    .await;
     let both = [first.ca_pem(), second.ca_pem()];
     let http = client(&both);
 
@@ -311,8 +181,12 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
         .unwrap();
     assert_eq!(resp.status(), 200);
 
-    // Metrics on the plain-HTTP admin listener.
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", webhook.admin_port))
+    // Readiness and metrics on the plain-HTTP admin listener.
+    let ready = reqwest::get(format!("http://{}/readyz", webhook.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let metrics = reqwest::get(format!("http://{}/metrics", webhook.admin_addr))
         .await
         .unwrap()
         .text()
@@ -331,63 +205,25 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
         "{metrics}"
     );
 
-    let status = webhook.terminate();
+    let status = webhook.terminate().await;
     assert_eq!(status.code(), Some(0), "exit status {status}");
-}
-
-/// Serves one ServiceAccount over plain HTTP and records the Authorization headers.
-async fn fake_api_server(seen: Arc<Mutex<Vec<String>>>) -> (SocketAddr, server::ShutdownTrigger) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (trigger, shutdown) = server::shutdown_channel();
-    tokio::spawn(server::serve(
-        listener,
-        move |req: hyper::Request<hyper::body::Incoming>, _| {
-            let seen = seen.clone();
-            async move {
-                let auth = req
-                    .headers()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                seen.lock()
-                    .unwrap()
-                    .push(format!("{} {auth}", req.uri().path()));
-                let (status, body) = if auth != "Bearer webhook-sa-token" {
-                    (401, json!({"kind": "Status", "code": 401}))
-                } else if req.uri().path()
-                    == "/api/v1/namespaces/velero/serviceaccounts/velero-server"
-                {
-                    (
-                        200,
-                        json!({
-                            "apiVersion": "v1", "kind": "ServiceAccount",
-                            "metadata": {"name": "velero-server", "namespace": "velero", "annotations": {
-                                "azure.workload.identity/client-id": "sa-client-id",
-                                "azure.workload.identity/tenant-id": "sa-tenant-id"}}
-                        }),
-                    )
-                } else {
-                    (404, json!({"kind": "Status", "code": 404}))
-                };
-                hyper::Response::builder()
-                    .status(status)
-                    .body(Full::new(Bytes::from(body.to_string())))
-                    .unwrap()
-            }
-        },
-        Limits::default(),
-        shutdown,
-        Duration::from_millis(10),
-    ));
-    (addr, trigger)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let (api, _stop) = fake_api_server(seen.clone()).await;
+    // Plain HTTP, one annotated ServiceAccount, only for the webhook's own token.
+    let api = KubeApi::builder()
+        .service_account(
+            "velero",
+            "velero-server",
+            &[
+                ("azure.workload.identity/client-id", "sa-client-id"),
+                ("azure.workload.identity/tenant-id", "sa-tenant-id"),
+            ],
+        )
+        .bearer_token("webhook-sa-token")
+        .start()
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "webhook-sa-token\n").unwrap();
@@ -396,11 +232,12 @@ async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() 
         &pki,
         &[
             "--kube-api-url",
-            &format!("http://{api}"),
+            api.url(),
             "--kube-token-file",
             token.to_str().unwrap(),
         ],
-    );
+    )
+    .await;
     let http = client(&[pki.ca_pem()]);
 
     let body: Value = http
@@ -436,21 +273,19 @@ async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() 
         "{warning}"
     );
 
-    assert_eq!(
-        *seen.lock().unwrap(),
-        [
-            "/api/v1/namespaces/velero/serviceaccounts/velero-server Bearer webhook-sa-token",
-            "/api/v1/namespaces/velero/serviceaccounts/plain Bearer webhook-sa-token",
-        ]
-    );
-    assert_eq!(webhook.terminate().code(), Some(0));
+    let request = |account: &str| ApiRequest {
+        path: format!("/api/v1/namespaces/velero/serviceaccounts/{account}"),
+        authorization: Some("Bearer webhook-sa-token".into()),
+    };
+    assert_eq!(api.requests(), [request("velero-server"), request("plain")]);
+    assert_eq!(webhook.terminate().await.code(), Some(0));
 }
 
 #[test]
 fn refuses_to_start_without_a_usable_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let cert = dir.path().join("missing.crt");
-    let output = Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+    let output = Command::new(BIN)
         .args(["--log-format", "text", "webhook", "--sidecar-image", "x:1"])
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .arg("--tls-cert-file")

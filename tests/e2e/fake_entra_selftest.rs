@@ -1,13 +1,11 @@
 //! Proves the fake Entra server behaves like Entra over real HTTPS (a client trusting only the
 //! test CA), so broker tests built on it test the broker and not the fake.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::fake_entra::{FakeAccessToken, FakeEntra, Fault, RateLimit, CLIENT_ASSERTION_TYPE};
-use support::issuer::{SaClaims, TestIssuer, DEFAULT_SUBJECT};
+use testkit::fake_entra::{FakeAccessToken, FakeEntra, Fault, RateLimit, CLIENT_ASSERTION_TYPE};
+use testkit::issuer::{SaClaims, TestIssuer, DEFAULT_SUBJECT};
 
 const STORAGE_SCOPE: &str = "https://storage.azure.com//.default";
 const ARM_SCOPE: &str = "https://management.azure.com//.default";

@@ -1,11 +1,9 @@
 //! `imds-broker doctor` names the broken link for each of the fake Entra's failure modes, and
 //! passes a healthy chain end to end (with a running broker's listener).
 
-mod support;
-
+use crate::support::broker::{entra_args, token_dir, BrokerBuilder};
 use std::process::Output;
-use support::broker::{entra_args, token_dir, BrokerBuilder};
-use support::fake_entra::FakeEntra;
+use testkit::fake_entra::FakeEntra;
 
 /// Runs doctor against `fake` with `extra` flags; the environment is emptied so nothing of
 /// the machine's (proxies, AZURE_*) leaks in.
@@ -27,7 +25,7 @@ fn run(fake: &FakeEntra, token_file: &std::path::Path, trust_ca: bool, extra: &[
             None => args.push(flag.to_string()),
         }
     }
-    std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+    std::process::Command::new(crate::support::BIN)
         .args(&args)
         .env_clear()
         .output()

@@ -1,17 +1,16 @@
 //! Runs the real `imds-broker serve` binary for end-to-end tests: ephemeral ports (read back
 //! from the broker's "listening" log line, so there is no port race), captured JSON logs, and
 //! helpers for both protocols.
-#![allow(dead_code)]
 
-use super::fake_entra::FakeEntra;
+use super::BIN;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
-use tokio::sync::watch;
+use testkit::fake_entra::FakeEntra;
+
+use testkit::process::{bound_addr, Process};
 
 pub const STORAGE: &str = "https://storage.azure.com/";
 pub const ARM: &str = "https://management.azure.com/";
@@ -61,11 +60,6 @@ impl BrokerBuilder {
         }
     }
 
-    pub fn arg(mut self, a: impl Into<String>) -> Self {
-        self.args.push(a.into());
-        self
-    }
-
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
         self.args.extend(args.into_iter().map(Into::into));
         self
@@ -99,87 +93,28 @@ impl BrokerBuilder {
     pub async fn spawn(self) -> Broker {
         // The harness's client is built below; reqwest needs the process crypto provider.
         imds_broker::crypto::install_default();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imds-broker"));
+        let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", &self.rust_log)
-            .env("IMDS_BROKER_LOG_FORMAT", "json")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .env("IMDS_BROKER_LOG_FORMAT", "json");
         if let Some(h) = &self.identity_header {
             cmd.env("IDENTITY_HEADER", h);
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn imds-broker");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let logs = Arc::new(Mutex::new(Vec::<String>::new()));
-        let (tx, mut rx) = watch::channel(0usize);
-        {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    let mut l = logs.lock().unwrap();
-                    l.push(line);
-                    let n = l.len();
-                    drop(l);
-                    tx.send_replace(n);
-                }
-                // Closing the channel tells waiters the process is gone.
-            });
-        }
-        let mut seen = 0;
-        let listening = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                {
-                    let lines = logs.lock().unwrap();
-                    for line in &lines[seen..] {
-                        if let Ok(v) = serde_json::from_str::<Value>(line) {
-                            if v["message"] == "imds-broker listening" {
-                                return Some(v);
-                            }
-                        }
-                    }
-                    seen = lines.len();
-                }
-                if rx.changed().await.is_err() {
-                    return None;
-                }
-            }
-        })
-        .await;
-        let line = match listening {
-            Ok(Some(v)) => v,
-            other => {
-                let _ = child.kill();
-                panic!(
-                    "broker did not start ({}); logs:\n{}",
-                    if other.is_err() { "timeout" } else { "exited" },
-                    logs.lock().unwrap().join("\n")
-                );
-            }
-        };
-        let token_addr: SocketAddr = line["listen"]
-            .as_str()
-            .and_then(|s| s.split(',').next())
-            .and_then(|s| s.parse().ok())
-            .expect("listen address in log line");
-        let admin_addr: SocketAddr = line["admin_listen"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .expect("admin address in log line");
+        let mut process = Process::spawn(&mut cmd);
+        let line = process
+            .expect_json_line("imds-broker listening", Duration::from_secs(20))
+            .await;
         Broker {
-            child,
-            token_addr,
-            admin_addr,
-            logs,
-            log_events: rx,
+            token_addr: bound_addr(&line, "listen"),
+            admin_addr: bound_addr(&line, "admin_listen"),
+            process,
             identity_header: self.identity_header,
             http: reqwest::Client::builder()
                 .no_proxy()
@@ -215,11 +150,9 @@ impl Reply {
 }
 
 pub struct Broker {
-    child: Child,
+    process: Process,
     pub token_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
-    log_events: watch::Receiver<usize>,
     pub identity_header: Option<String>,
     pub http: reqwest::Client,
 }
@@ -290,7 +223,7 @@ impl Broker {
     }
 
     pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
+        self.process.logs()
     }
 
     /// Waits up to 10 s for a log line containing `needle`; fails the test with the logs
@@ -303,55 +236,18 @@ impl Broker {
 
     /// Waits for a log line containing `needle`.
     pub async fn wait_log(&mut self, needle: &str, timeout: Duration) -> bool {
-        let logs = self.logs.clone();
-        let rx = &mut self.log_events;
-        tokio::time::timeout(timeout, async {
-            loop {
-                if logs.lock().unwrap().iter().any(|l| l.contains(needle)) {
-                    return true;
-                }
-                if rx.changed().await.is_err() {
-                    return logs.lock().unwrap().iter().any(|l| l.contains(needle));
-                }
-            }
-        })
-        .await
-        .unwrap_or(false)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process
+            .wait_for_line(|l| l.contains(needle), timeout)
+            .await
+            .is_some()
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([format!("-{sig}"), self.child.id().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        self.process.signal(sig);
     }
 
-    /// Waits for the process to exit (blocking wait on a helper thread).
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            // Child exit has no async event in std; poll at a short interval, bounded.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.wait_exit(timeout).await
     }
 }
 
