@@ -686,6 +686,16 @@ def verdict(ok):
     return "met" if ok else "MISSED"
 
 
+def verdict_lines(targets, failures):
+    """The closing part of a results page: the targets with their verdicts, then any
+    functional failures."""
+    lines = ["", "| target | result | verdict |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {verdict(ok)} |" for name, value, ok in targets]
+    if failures:
+        lines += ["", "FUNCTIONAL FAILURES:"] + [f"- {x}" for x in failures]
+    return lines
+
+
 def evaluate(res):
     """Targets (performance) and checks (functional)."""
     t, f = [], []
@@ -842,15 +852,7 @@ def render(res, targets, failures):
         if "rss_start_kib" in soak:
             L.append(f"| soak: RSS start / end / max | {mib(soak['rss_start_kib']):.2f} / {mib(soak['rss_end_kib']):.2f} / "
                      f"{mib(soak['rss_max_kib']):.2f} MiB |")
-    L.append("")
-    L.append("| target | result | verdict |")
-    L.append("|---|---|---|")
-    for name, value, ok in targets:
-        L.append(f"| {name} | {value} | {verdict(ok)} |")
-    if failures:
-        L.append("")
-        L.append("FUNCTIONAL FAILURES:")
-        L.extend(f"- {x}" for x in failures)
+    L.extend(verdict_lines(targets, failures))
     return "\n".join(L) + "\n"
 
 

@@ -415,36 +415,39 @@ def summarise_fleet(started, fake, t_first_spawn, throttled):
     return res
 
 
-def thread_cpu_s(pid):
-    """CPU time of the live threads of `pid` in seconds, to the nanosecond
-    (/proc/PID/task/*/schedstat; /proc/PID/stat counts 10-ms ticks, too coarse for a broker's
-    start-up). Threads that already exited are not in it: the total comes from wait4."""
-    total = 0
+def per_thread(pid, read):
+    """{tid: read(/proc/PID/task/TID)} for the live threads of `pid`; None if `pid` is gone.
+    A thread that exits while it is read is left out."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
-    for tid in tids:
-        try:
-            total += int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total / 1e9
-
-
-def thread_cpu_by_tid(pid):
-    """{tid: CPU seconds} of the live threads of `pid` (schedstat, nanoseconds)."""
     out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
     for tid in tids:
         try:
-            out[tid] = int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[0]) / 1e9
+            out[tid] = read(f"/proc/{pid}/task/{tid}")
         except (OSError, ValueError, IndexError):
             pass
     return out
+
+
+def schedstat_cpu_s(task_dir):
+    """A thread's CPU time in seconds, to the nanosecond (schedstat; /proc/PID/stat counts
+    10-ms ticks, too coarse for a broker's start-up)."""
+    with open(f"{task_dir}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def thread_cpu_s(pid):
+    """CPU time of the live threads of `pid` in seconds. Threads that already exited are not
+    in it: the total comes from wait4."""
+    by_tid = per_thread(pid, schedstat_cpu_s)
+    return None if by_tid is None else sum(by_tid.values())
+
+
+def thread_cpu_by_tid(pid):
+    """{tid: CPU seconds} of the live threads of `pid`."""
+    return per_thread(pid, schedstat_cpu_s) or {}
 
 
 def stop_and_reap(procs, ps, grace=15):
@@ -547,23 +550,19 @@ async def solo(procs, paths, runs):
             "start_to_both_tokens_ms": dist(both), "entra_calls": calls}
 
 
+def context_switches(task_dir):
+    """A thread's voluntary + non-voluntary context switches."""
+    n = 0
+    with open(f"{task_dir}/status") as f:
+        for line in f:
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                n += int(line.split()[1])
+    return n
+
+
 def thread_switches(pid):
     """{tid: voluntary + non-voluntary context switches} of every thread of `pid`."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            n = 0
-            for line in open(f"/proc/{pid}/task/{tid}/status"):
-                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    n += int(line.split()[1])
-            out[tid] = n
-        except OSError:
-            pass
-    return out
+    return per_thread(pid, context_switches) or {}
 
 
 async def idle_wakeups(procs, paths, secs):
@@ -864,15 +863,7 @@ def render(res, targets, failures):
                  f"at s {i.get('wake_times_s')} of the window, which began {i.get('since_last_exchange_s')} s "
                  f"after the last answer), "
                  f"CPU {i['cpu_s']} s |")
-    L.append("")
-    L.append("| target | result | verdict |")
-    L.append("|---|---|---|")
-    for name, value, ok in targets:
-        L.append(f"| {name} | {value} | {bench.verdict(ok)} |")
-    if failures:
-        L.append("")
-        L.append("FUNCTIONAL FAILURES:")
-        L.extend(f"- {x}" for x in failures)
+    L.extend(bench.verdict_lines(targets, failures))
     return "\n".join(L) + "\n"
 
 
