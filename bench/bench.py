@@ -20,6 +20,7 @@ Traffic goes to 127.0.0.1 only.
 """
 
 import argparse
+import functools
 import http.client
 import json
 import math
@@ -83,12 +84,18 @@ def image_env():
     SSL_CERT_DIR, so the broker reads one CA bundle. A host that sets SSL_CERT_DIR (as some CI
     machines do) would make it also read every file of /etc/ssl/certs (~300), a start-up cost a
     pod never pays (bench/RESULTS.md, Fleet)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    env.update(_image_config_env())
+    return env
+
+
+@functools.cache
+def _image_config_env():
+    """The image's `--config.env` settings but PATH, read from scripts/build-image once."""
     text = (ROOT / "scripts" / "build-image").read_text()
     image = dict(m.split("=", 1) for m in re.findall(r"--config\.env (\S+)", text))
     image.pop("PATH", None)
-    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
-    env.update(image)
-    return env
+    return image
 
 
 def log(msg):
@@ -259,9 +266,10 @@ def read_line(stream, timeout):
 
 class Broker:
     def __init__(self, procs, binary, out, name, fake=None, cpu=None, workers=None,
-                 extra=(), preexec=None):
+                 extra=(), preexec=None, env=None):
+        """`env`: the broker's environment (default: image_env())."""
         self.port, self.admin = free_port(), free_port()
-        env = image_env()
+        env = dict(image_env() if env is None else env)
         env.setdefault("RUST_LOG", "info")
         if workers:
             env["IMDS_BROKER_WORKER_THREADS"] = str(workers)
@@ -281,6 +289,18 @@ class Broker:
         if self.proc.poll() is not None:
             raise Failure(f"broker exited ({self.proc.returncode}); see {self.log}")
         return http_get(self.admin, "/readyz", timeout=1)[0] == 200
+
+    def warm_then_idle(self):
+        """Asks for a token over both protocols, rests 2 s, and returns the answers' bodies
+        and the memory breakdown then: what "idle RSS after the first token" means here."""
+        bodies = {}
+        for which in ("imds", "app_service"):
+            status, body = self.get(which)
+            if status != 200:
+                raise Failure(f"warm-up {which} answered {status}: {body[:300]!r}")
+            bodies[which] = body
+        time.sleep(2)
+        return bodies, memory_breakdown(self.pid)
 
     def get(self, which):
         target, header = (IMDS_TARGET, IMDS_HEADER) if which == "imds" else (APP_TARGET, APP_HEADER)
@@ -919,17 +939,10 @@ def main():
             log("hot path: broker (fake Entra) + nginx")
             broker = Broker(procs, paths["broker"], args.out, "hot", fake=fake, cpu=pin[1],
                             workers=1 if pin[1] is not None else None)
-            bodies = {}
-            for which in ("imds", "app_service"):
-                status, body = broker.get(which)
-                if status != 200:
-                    raise Failure(f"warm-up {which} answered {status}: {body[:300]!r}")
-                bodies[which] = body
+            bodies, res["idle_memory_kib"] = broker.warm_then_idle()
             if len(bodies["imds"]) != len(bodies["app_service"]):
                 raise Failure("IMDS and App Service bodies differ in size")
-            time.sleep(2)
-            res["idle_rss_kib"] = vm_kib(broker.pid, "VmRSS")
-            res["idle_memory_kib"] = memory_breakdown(broker.pid)
+            res["idle_rss_kib"] = res["idle_memory_kib"]["VmRSS"]
             # Two more brokers of the same binary: the file-backed part of RSS is shared.
             others = [Broker(procs, paths["broker"], args.out, f"share{i}", fake=fake, cpu=pin[1],
                              workers=1 if pin[1] is not None else None) for i in range(2)]

@@ -10,9 +10,9 @@ bench.image_env). Bounded: ROUNDS x builds brokers, one at a time, on 127.0.0.1;
 by its PID.
 """
 import argparse
+import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,8 +29,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--host-env", action="store_true")
     args = ap.parse_args()
-    if args.host_env:
-        bench.image_env = lambda: dict(bench.os.environ)
+    env = dict(os.environ) if args.host_env else bench.image_env()
     out = (bench.BENCH / "out" / "idle-rss").resolve()
     out.mkdir(parents=True, exist_ok=True)
     samples = {b: [] for b in args.brokers}
@@ -39,13 +38,8 @@ def main():
         fake = bench.Fake(procs, args.fake)
         for rnd in range(args.rounds):
             for i, binary in enumerate(args.brokers):
-                broker = bench.Broker(procs, binary, out, f"b{i}-r{rnd}", fake=fake)
-                for which in ("imds", "app_service"):
-                    status, body = broker.get(which)
-                    if status != 200:
-                        raise bench.Failure(f"{binary}: {which} answered {status}: {body[:200]!r}")
-                time.sleep(2)
-                samples[binary].append(bench.memory_breakdown(broker.pid))
+                broker = bench.Broker(procs, binary, out, f"b{i}-r{rnd}", fake=fake, env=env)
+                samples[binary].append(broker.warm_then_idle()[1])
                 procs.stop(broker.proc)
     finally:
         procs.stop_all()
