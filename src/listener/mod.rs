@@ -98,6 +98,15 @@ pub fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     })
 }
 
+/// The address a listener is bound to, for the start-up log line (port 0 shows the port the
+/// system chose; people and test harnesses read it there). Empty if the socket cannot say.
+pub fn bound_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
 /// Accept-queue length. `TcpListener::bind` asks for 128: a burst of more new connections
 /// than that (bench/RESULTS.md, cold path: 1,000 callers) overflowed it and the kernel dropped
 /// SYNs, which clients retransmit only after 1 s. The kernel caps it at `net.core.somaxconn`.

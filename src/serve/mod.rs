@@ -81,16 +81,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         token_listeners.push(listener::bind(*addr, "token")?);
     }
     let admin_listener = listener::bind(args.admin_listen, "admin")?;
-    // Logged as bound (port 0 resolves to the real port), for people and test harnesses.
     let bound: Vec<String> = token_listeners
         .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
+        .map(listener::bound_addr)
+        .filter(|a| !a.is_empty())
         .collect();
-    let admin_bound = admin_listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let admin_bound = listener::bound_addr(&admin_listener);
 
     let (grace_trigger, grace_over) = listener::shutdown_channel();
     let service = Arc::new(TokenService {

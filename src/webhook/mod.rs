@@ -49,10 +49,10 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
 
     let listener = listener::bind(args.listen, "webhook")?;
     let admin_listener = listener::bind(args.admin_listen, "admin")?;
-    // Logged as bound (port 0 resolves to the real port), for people and test harnesses.
-    let bound =
-        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let (listen_bound, admin_bound) = (bound(&listener), bound(&admin_listener));
+    let (listen_bound, admin_bound) = (
+        listener::bound_addr(&listener),
+        listener::bound_addr(&admin_listener),
+    );
     let (trigger, shutdown) = listener::shutdown_channel();
     let ready = Arc::new(AtomicBool::new(true));
 
