@@ -30,7 +30,8 @@ fake=$tools/examples/fake_entra
 status=0
 # The webhook under large reviews and idle connections (about 5 s; functional checks only).
 python3 bench/webhook_load.py "$broker" || status=$?
-# One broker at the worst load the limits allow: 512 full heads, 64 cold resources (~5 s).
+# One broker at the worst load the limits allow: both listeners full of held heads, 1,000 cold
+# resources, then 1,500 oversized heads (~5 s).
 python3 bench/broker_load.py "$broker" "$fake" || status=$?
 python3 bench/bench.py --mode smoke --out bench/out/smoke \
     --broker "$broker" --client "$tools/examples/bench_client" --fake "$fake" \

@@ -9,9 +9,6 @@ use tokio::sync::Notify;
 // Tokio's clock: the same as std's, except that tests can pause it.
 use tokio::time::Instant;
 
-/// How long a connection must have been idle before it may be evicted at the cap.
-pub(super) const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
-
 /// One connection's state, seen by the accept loop.
 pub(super) struct Conn {
     pub(super) deadline: HeadDeadline,
@@ -36,20 +33,23 @@ impl Conns {
     }
 
     /// Closes the connection that has waited longest for a request head, if any has waited
-    /// [`EVICTABLE_AFTER`]: a burst of new callers, whose heads arrive within milliseconds,
-    /// waits for slots instead of evicting each other.
-    pub(super) fn evict_idlest(&self) {
+    /// `evictable_after`: a burst of new callers, whose heads arrive within milliseconds,
+    /// waits for slots instead of evicting each other. Otherwise returns when the idlest will
+    /// have waited that long (`None` if every connection is being answered).
+    pub(super) fn evict_idlest(&self, evictable_after: Duration) -> Option<Instant> {
         let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let cutoff = Instant::now().checked_sub(EVICTABLE_AFTER);
-        let idlest = all
+        let (since, idlest) = all
             .iter()
             .filter_map(Weak::upgrade)
             .filter_map(|c| c.deadline.idle_since().map(|since| (since, c)))
-            .filter(|(since, _)| cutoff.is_some_and(|cut| *since <= cut))
-            .min_by_key(|(since, _)| *since);
-        if let Some((_, conn)) = idlest {
-            conn.evict.notify_one();
+            .min_by_key(|(since, _)| *since)?;
+        let evictable_at = since + evictable_after;
+        if evictable_at <= Instant::now() {
+            idlest.evict.notify_one();
+            // Room is made; the permit it frees ends the caller's wait.
+            return Some(Instant::now() + evictable_after);
         }
+        Some(evictable_at)
     }
 
     /// Closes every connection that is not answering a request.
@@ -128,6 +128,26 @@ impl HeadDeadline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idlest_connection_is_evicted_once_it_has_waited_long_enough() {
+        let conns = Conns::default();
+        let after = Duration::from_millis(250);
+        let old = conns.add();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let busy = conns.add();
+        busy.deadline.answering();
+        let _young = conns.add();
+        // Nothing evictable yet: the caller is told when the oldest idle one will be.
+        assert_eq!(conns.evict_idlest(after), Some(old.deadline.opened + after));
+        tokio::time::advance(Duration::from_millis(150)).await;
+        conns.evict_idlest(after);
+        let evicted = tokio::time::timeout(Duration::ZERO, old.evict.notified()).await;
+        assert!(evicted.is_ok(), "the idlest connection is told to close");
+        // A connection being answered is never a candidate.
+        drop((old, _young));
+        assert_eq!(conns.evict_idlest(after), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_misses_its_deadline_after_the_limit() {

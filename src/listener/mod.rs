@@ -21,7 +21,8 @@ use tokio::sync::{watch, Semaphore};
 
 mod conns;
 mod framing_errors;
-use conns::{Conns, EVICTABLE_AFTER};
+pub mod open_files;
+use conns::Conns;
 pub use framing_errors::FramingErrorBody;
 use framing_errors::FramingErrors;
 
@@ -39,6 +40,11 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Read buffer cap, i.e. the largest request head accepted (hyper's minimum is 8 KiB).
     pub max_header_bytes: usize,
+    /// At the cap, a connection idle (no complete head) for this long may be closed to make
+    /// room for a new one. Shorter evicts faster under a reconnecting flood (a new connection
+    /// waits behind at most `max_connections / evictable_after` accepts per second); longer
+    /// spares the connections of a burst of real callers, whose heads are a few ms behind.
+    pub evictable_after: Duration,
     /// Body of the answer to a request hyper cannot parse (else hyper's empty one).
     pub framing_error_body: Option<FramingErrorBody>,
 }
@@ -49,6 +55,26 @@ impl Default for Limits {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
+            evictable_after: Duration::from_millis(500),
+            framing_error_body: None,
+        }
+    }
+}
+
+impl Limits {
+    /// The admin listeners (kubelet's probes with their 1-s timeout, Prometheus), reachable
+    /// from the pod network. Their clients send a small head as soon as they connect, so a head
+    /// gets 2 s and, at the cap, an idle connection is evictable after 200 ms: a flood of
+    /// idle or slow connections that reconnect is drained at ~1,300 accepts/s, and a probe
+    /// queued behind hundreds of them is answered well within its second
+    /// (tests/e2e/hostile.rs). 256 connections of ≤ 14.5 KiB each (an 8-KiB head held) bound
+    /// the listener to ~3.6 MiB of the sidecar's memory limit (bench/broker_load.py).
+    pub fn admin() -> Limits {
+        Limits {
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(2),
+            max_header_bytes: 8 * 1024,
+            evictable_after: Duration::from_millis(200),
             framing_error_body: None,
         }
     }
@@ -170,6 +196,7 @@ pub async fn serve_with<W, WF, IO, H, F>(
     http.max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     let head_limit = limits.header_read_timeout;
+    let evictable_after = limits.evictable_after;
     let framing_error_body = limits.framing_error_body.clone();
     let local = listener.local_addr().ok();
     let conns = Conns::default();
@@ -195,14 +222,17 @@ pub async fn serve_with<W, WF, IO, H, F>(
             Err(_) => {
                 let mut slot = None;
                 loop {
-                    conns.evict_idlest();
+                    // Nothing evictable yet: look again when the idlest connection will be
+                    // (or, if all are being answered, after `evictable_after`).
+                    let retry = conns
+                        .evict_idlest(evictable_after)
+                        .unwrap_or_else(|| tokio::time::Instant::now() + evictable_after);
                     tokio::select! {
                         p = permits.clone().acquire_owned() => {
                             slot = p.ok();
                             break;
                         }
-                        // Connections idle too briefly now may be evictable soon.
-                        () = tokio::time::sleep(EVICTABLE_AFTER / 4) => {}
+                        () = tokio::time::sleep_until(retry) => {}
                         () = shutdown.wait() => break,
                     }
                 }

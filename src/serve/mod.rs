@@ -116,12 +116,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let (trigger, shutdown) = listener::shutdown_channel();
+    let open_files = listener::open_files::raise_for(&[
+        args.max_connections.saturating_mul(token_listeners.len()),
+        Limits::admin().max_connections,
+    ]);
     let limits = Limits {
         max_connections: args.max_connections,
         // A caller on loopback sends its head at once; seconds of waiting only serve slowloris.
         header_read_timeout: args.request_timeout.min(HEAD_TIMEOUT),
         max_header_bytes: MAX_HEAD_BYTES,
         framing_error_body: Some(framing_errors(metrics.clone(), MAX_HEAD_BYTES)),
+        ..Limits::default()
     };
     let mut tasks = tokio::task::JoinSet::new();
     for listener in token_listeners {
@@ -143,14 +148,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tasks.spawn(listener::serve(
         admin_listener,
         admin_handler,
-        // kubelet's probes and Prometheus: the idlest connection is evicted at the cap, and
-        // a head must arrive within 2 s, so idle or slow clients cannot starve a probe.
-        Limits {
-            max_connections: 128,
-            header_read_timeout: Duration::from_secs(2),
-            max_header_bytes: 8 * 1024,
-            framing_error_body: None,
-        },
+        Limits::admin(),
         shutdown.clone(),
         args.shutdown_grace,
     ));
@@ -201,6 +199,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         allow_resources = %allow_shown,
         prefetch = %list_or(&prefetch, "-"),
         max_connections = args.max_connections,
+        open_files,
         request_timeout = ?args.request_timeout,
         entra_concurrency = args.entra_concurrency,
         retry_max_attempts = args.retry_max_attempts,

@@ -55,6 +55,8 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
     );
     let (trigger, shutdown) = listener::shutdown_channel();
     let ready = Arc::new(AtomicBool::new(true));
+    let open_files =
+        listener::open_files::raise_for(&[args.max_connections, Limits::admin().max_connections]);
 
     let admin = Admin {
         readiness: {
@@ -78,7 +80,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
             let admin = admin.clone();
             async move { admin.handle(&req) }
         },
-        Limits::default(),
+        Limits::admin(),
         shutdown.clone(),
         args.shutdown_grace,
     ));
@@ -128,7 +130,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         },
     ));
 
-    tracing::info!(listen = %listen_bound, admin_listen = %admin_bound, "webhook serving");
+    tracing::info!(listen = %listen_bound, admin_listen = %admin_bound, open_files, "webhook serving");
     listener::termination_signal().await;
     ready.store(false, Ordering::Relaxed);
     if !args.shutdown_delay.is_zero() {

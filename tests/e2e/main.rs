@@ -11,6 +11,7 @@ mod broker;
 mod doctor_e2e;
 mod fake_entra_selftest;
 mod flags_documented;
+mod hostile;
 mod inject_cli;
 mod support;
 mod webhook_e2e;

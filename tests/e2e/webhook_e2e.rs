@@ -299,3 +299,39 @@ fn refuses_to_start_without_a_usable_certificate() {
     let text = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("missing.crt"), "{text}");
 }
+
+/// A connection that never starts (or never finishes) its TLS handshake is closed after the
+/// 3-s handshake limit, not the 10-s request timeout: idle TCP connections from the pod network
+/// cannot pile up against the cap while the API server's admissions wait.
+#[tokio::test]
+async fn a_connection_without_a_tls_handshake_is_closed_within_seconds() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let webhook = Webhook::start(&pki, &["--kube-api-url", "none"]).await;
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
+    // The first bytes of a ClientHello record, then nothing.
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .unwrap();
+    let resp = client(&[pki.ca_pem()])
+        .post(webhook.url())
+        .json(&fixture_review())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "admission is answered meanwhile");
+    for (what, conn) in [("silent", &mut silent), ("half a ClientHello", &mut half)] {
+        let mut buf = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "{what}: still open after 10 s");
+        let took = started.elapsed();
+        assert!(
+            (Duration::from_millis(2500)..Duration::from_secs(6)).contains(&took),
+            "{what}: closed after {took:?}"
+        );
+    }
+    webhook.terminate().await;
+}

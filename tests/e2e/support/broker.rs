@@ -22,6 +22,7 @@ pub struct BrokerBuilder {
     env: Vec<(String, String)>,
     identity_header: Option<String>,
     rust_log: String,
+    soft_open_files: Option<u64>,
 }
 
 impl BrokerBuilder {
@@ -32,6 +33,7 @@ impl BrokerBuilder {
             env: Vec::new(),
             identity_header: Some(IDENTITY_HEADER.into()),
             rust_log: "info".into(),
+            soft_open_files: None,
         }
     }
 
@@ -57,6 +59,7 @@ impl BrokerBuilder {
             env: Vec::new(),
             identity_header: Some(IDENTITY_HEADER.into()),
             rust_log: "info".into(),
+            soft_open_files: None,
         }
     }
 
@@ -84,6 +87,13 @@ impl BrokerBuilder {
         self
     }
 
+    /// Starts the broker with this soft open-file limit (as a container runtime may), through
+    /// util-linux's `prlimit`, which execs it: the PID is the broker's.
+    pub fn soft_open_files(mut self, limit: u64) -> Self {
+        self.soft_open_files = Some(limit);
+        self
+    }
+
     pub fn rust_log(mut self, level: impl Into<String>) -> Self {
         self.rust_log = level.into();
         self
@@ -93,7 +103,14 @@ impl BrokerBuilder {
     pub async fn spawn(self) -> Broker {
         // The harness's client is built below; reqwest needs the process crypto provider.
         imds_broker::crypto::install_default();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.soft_open_files {
+            Some(limit) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={limit}:")).args(["--", BIN]);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(&self.args)

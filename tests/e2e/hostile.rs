@@ -1,0 +1,278 @@
+//! Hostile neighbours in the pod, against the real binary: floods of idle, slow and keep-alive
+//! connections on both listeners, and signals. Each flood is bounded (a fixed number of
+//! connections to 127.0.0.1, stopped when the test ends) and reconnects whatever the broker
+//! closes, as slowloris tools do, so the broker's eviction is under steady pressure.
+
+use crate::support::broker::{Broker, BrokerBuilder, STORAGE};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+/// What each flooding connection does after it connects, before it waits to be closed.
+#[derive(Clone, Copy)]
+enum Attack {
+    /// Sends nothing.
+    Idle,
+    /// Sends most of a request head and never finishes it (slowloris).
+    Slow,
+    /// Sends one complete request, reads its answer, then idles on the kept-alive connection.
+    KeepAlive,
+}
+
+/// `count` connections to `addr`, each reconnecting as soon as the broker closes it, until
+/// dropped.
+struct Flood {
+    tasks: JoinSet<()>,
+    /// How many flooding connections the broker has closed so far.
+    closed: Arc<AtomicUsize>,
+    /// How many flooding connections are open (connected and not yet closed).
+    open: Arc<AtomicUsize>,
+}
+
+impl Flood {
+    fn start(addr: SocketAddr, count: usize, attack: Attack) -> Flood {
+        let closed = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut tasks = JoinSet::new();
+        for _ in 0..count {
+            let (closed, open) = (closed.clone(), open.clone());
+            tasks.spawn(async move {
+                loop {
+                    let Ok(mut s) = TcpStream::connect(addr).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    open.fetch_add(1, Ordering::Relaxed);
+                    let sent = match attack {
+                        Attack::Idle => Ok(()),
+                        Attack::Slow => {
+                            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+                                .await
+                        }
+                        Attack::KeepAlive => {
+                            s.write_all(
+                                b"GET /metadata/identity/oauth2/token?api-version=2018-02-01\
+                                  &resource=https%3A%2F%2Fstorage.azure.com%2F HTTP/1.1\r\n\
+                                  Host: x\r\nMetadata: true\r\n\r\n",
+                            )
+                            .await
+                        }
+                    };
+                    // Reads (the answer, if any) until the broker closes the connection.
+                    let mut buf = [0u8; 4096];
+                    if sent.is_ok() {
+                        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                    }
+                    open.fetch_sub(1, Ordering::Relaxed);
+                    closed.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        Flood {
+            tasks,
+            closed,
+            open,
+        }
+    }
+
+    /// Waits (bounded) until the broker has closed `n` flooding connections: the flood has
+    /// filled the cap and eviction is running, the state the tests measure in.
+    async fn until_closed(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.closed.load(Ordering::Relaxed) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the broker closed only {} of the flood's connections in 30 s",
+                self.closed.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) until `n` flooding connections are open at once.
+    async fn until_open(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.open.load(Ordering::Relaxed) < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} flooding connections open after 30 s",
+                self.open.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// One request on a new connection (as kubelet and most SDK clients' first request do): the
+/// status line and how long the whole answer took, or a failure after `limit` × 5.
+async fn timed_get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+    limit: Duration,
+) -> (String, Duration) {
+    let started = Instant::now();
+    let answer = tokio::time::timeout(limit * 5, async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
+    })
+    .await;
+    let status = match answer {
+        Ok(Ok(text)) => text.lines().next().unwrap_or("").to_owned(),
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => format!("no answer in {:?}", limit * 5),
+    };
+    (status, started.elapsed())
+}
+
+/// `rounds` requests, one every 100 ms, each on a new connection; fails unless every one is
+/// answered 200 within `limit`. Returns the slowest.
+async fn all_answered_within(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+    rounds: usize,
+    limit: Duration,
+    during: &str,
+) -> Duration {
+    let mut slowest = Duration::ZERO;
+    for _ in 0..rounds {
+        let (status, took) = timed_get(addr, path, headers, limit).await;
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "{path} during {during}: {status}"
+        );
+        assert!(took < limit, "{path} during {during} took {took:?}");
+        slowest = slowest.max(took);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    slowest
+}
+
+const IMDS_PATH: &str =
+    "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fstorage.azure.com%2F";
+
+/// kubelet's startup and liveness probes (1-s timeout) and Prometheus share the admin port with
+/// the pod network: hundreds of idle and slow connections, reconnecting, must not starve them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_probes_answer_within_a_second_while_hundreds_of_connections_are_held() {
+    let broker = BrokerBuilder::emulate().spawn().await;
+    // A resource string the caller chose must not show up in /metrics.
+    let chosen = broker.imds_token("api://caller-chosen-label-7f3a").await;
+    assert_eq!(chosen.status, 200, "{}", chosen.raw);
+    let idle = Flood::start(broker.admin_addr, 300, Attack::Idle);
+    let slow = Flood::start(broker.admin_addr, 300, Attack::Slow);
+    idle.until_open(150).await;
+    slow.until_open(150).await;
+    let slowest = all_answered_within(
+        broker.admin_addr,
+        "/readyz",
+        "",
+        20,
+        Duration::from_secs(1),
+        "600 idle and slow admin connections",
+    )
+    .await;
+    let (status, took) = timed_get(broker.admin_addr, "/metrics", "", Duration::from_secs(1)).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "/metrics: {status}");
+    assert!(took < Duration::from_secs(1), "/metrics took {took:?}");
+    eprintln!("slowest probe {slowest:?}, /metrics {took:?}");
+    drop((idle, slow));
+    let (_, metrics) = broker.admin("/metrics").await;
+    assert!(
+        metrics.contains("imds_broker_http_requests_total"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("caller-chosen-label"), "{metrics}");
+}
+
+/// Slowloris and idle keep-alive floods just past the token listener's cap (1024): a caller
+/// with a real request still gets its token within 2 s. The broker starts with a soft
+/// open-file limit of 256, as some container runtimes give: it raises it for its caps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_request_is_answered_within_two_seconds_during_slow_and_idle_floods() {
+    let mut broker = BrokerBuilder::emulate().soft_open_files(256).spawn().await;
+    let cap = 1024;
+    for (attack, during) in [
+        (Attack::Slow, "1,100 slowloris connections"),
+        (Attack::KeepAlive, "1,100 idle keep-alive connections"),
+    ] {
+        let flood = Flood::start(broker.token_addr, 1100, attack);
+        // Past the cap, the broker has had to close connections to make room.
+        flood.until_closed(1100 - cap).await;
+        let slowest = all_answered_within(
+            broker.token_addr,
+            IMDS_PATH,
+            "Metadata: true\r\n",
+            10,
+            Duration::from_secs(2),
+            during,
+        )
+        .await;
+        eprintln!("slowest token request during {during}: {slowest:?}");
+    }
+    assert_eq!(broker.imds_token(STORAGE).await.status, 200);
+    // 1,024 + 256 connections and the overhead, not the 256 it was given.
+    broker.expect_log("\"open_files\":1344").await;
+    assert!(
+        !broker.logs().contains("accept failed"),
+        "{}",
+        broker.logs()
+    );
+}
+
+/// SIGHUP (a terminal closing, a careless `kill -HUP`) is logged and ignored, and a connection
+/// still sending its head does not hold shutdown for the grace period.
+#[tokio::test]
+async fn sighup_is_ignored_and_a_half_sent_head_does_not_delay_shutdown() {
+    let mut broker: Broker = BrokerBuilder::emulate()
+        .set("--shutdown-grace", "20s")
+        .spawn()
+        .await;
+    broker.signal("HUP");
+    broker.expect_log("SIGHUP received and ignored").await;
+    assert_eq!(
+        broker.imds_token(STORAGE).await.status,
+        200,
+        "still serving after SIGHUP"
+    );
+    let mut half = TcpStream::connect(broker.token_addr).await.unwrap();
+    half.write_all(b"GET /metadata/identity/oauth2/token HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // A later connection is accepted after it: the half-sent head is one the broker is
+    // reading, not one still in the kernel's accept queue.
+    assert_eq!(broker.imds_token(STORAGE).await.status, 200);
+    let signalled = Instant::now();
+    broker.signal("TERM");
+    let exit = broker
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exits after SIGTERM");
+    assert_eq!(exit.code(), Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?} with a half-sent head open (grace 20 s)",
+        signalled.elapsed()
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(1), half.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the half-sent head's connection was closed");
+}
