@@ -35,6 +35,10 @@ struct Flood {
 
 impl Flood {
     fn start(addr: SocketAddr, count: usize, attack: Attack) -> Flood {
+        // This process holds the flood's sockets (two floods may run at once): the same raise
+        // of the soft open-file limit the broker does for itself.
+        let files = imds_broker::listener::open_files::ensure(4096).expect("RLIMIT_NOFILE");
+        assert!(files.shortfall().is_none(), "{files:?}");
         let closed = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
         let mut tasks = JoinSet::new();
