@@ -2,8 +2,8 @@
 # The webhook against a real Kubernetes control plane (docs/cluster-tests.md): builds
 # kube-apiserver, kube-controller-manager, kubectl and etcd from the Go module proxy
 # (tests/cluster/k8s), the Velero CLI + pod-creating driver for each Velero version
-# (tests/cluster/velero-v*), the debug imds-broker binary and the fake Entra, then runs the
-# pytest suite in tests/cluster against them.
+# (tests/cluster/velero-v*), helm (scripts/build-packaging-tools), the debug imds-broker binary
+# and the fake Entra, then runs the pytest suite in tests/cluster against them.
 #
 #   scripts/test-cluster.sh                 everything
 #   scripts/test-cluster.sh -k restricted   extra arguments go to pytest
@@ -68,6 +68,11 @@ for dir in tests/cluster/velero-v1.15 tests/cluster/velero-v1.18; do
   VELERO_BINS+="${VELERO_BINS:+,}$version=$OUT/$name-$version/$name"
   VELERO_VERSIONS+=" $version"
 done
+
+# helm, for installing charts/imds-broker on the API server (test_04_helm.py); the same pinned
+# build the packaging stage uses, cached per pin.
+HELM_BIN="$(scripts/build-packaging-tools | tail -n1)/helm"
+export HELM_BIN
 
 echo "--- cargo build (imds-broker, fake_entra example)"
 cargo build --locked --quiet --bin imds-broker --example fake_entra

@@ -45,35 +45,7 @@ EOF
 fi
 
 # ---- helm, kustomize, monitoringcheck from their Go modules (cached per pin) ---------------
-TOOLS_SRC=tests/packaging/tools
-# The cache key: the pins and this build recipe (bump RECIPE when the go build lines change).
-RECIPE=2
-pin=$( (cat "$TOOLS_SRC/go.mod" "$TOOLS_SRC/go.sum"; echo "recipe $RECIPE") | sha256sum | cut -c1-16)
-TOOLS="${CARGO_TARGET_DIR:-target}/packaging-tools/$pin"
-if [[ ! -x "$TOOLS/helm" || ! -x "$TOOLS/kustomize" || ! -x "$TOOLS/monitoringcheck" ]]; then
-  echo "--- go build helm, kustomize, monitoringcheck ($TOOLS_SRC/go.mod) into $TOOLS"
-  start=$SECONDS
-  mkdir -p "$TOOLS"
-  out=$(realpath "$TOOLS")
-  (
-    cd "$TOOLS_SRC"
-    # helm's release builds stamp its version and the Kubernetes version of its client
-    # libraries (the default that `helm template` renders for and checks kubeVersion against);
-    # without them a source build reports v3.22 and Kubernetes 1.20. Same stamps here, read
-    # from go.mod.
-    helm_version=$(go list -m -f '{{.Version}}' helm.sh/helm/v3)
-    k8s_minor=$(go list -m -f '{{.Version}}' k8s.io/client-go | cut -d. -f2)
-    ldflags="-X helm.sh/helm/v3/internal/version.version=$helm_version"
-    for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
-      ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
-    done
-    # -mod=readonly: go.sum must already hold every checksum (no silent re-resolution).
-    export CGO_ENABLED=0
-    nice -n 10 go build -mod=readonly -trimpath -ldflags "$ldflags" -o "$out/helm" helm.sh/helm/v3/cmd/helm
-    nice -n 10 go build -mod=readonly -trimpath -o "$out/" sigs.k8s.io/kustomize/kustomize/v5 ./monitoringcheck
-  )
-  echo "    built in $((SECONDS - start)) s"
-fi
+TOOLS=$(scripts/build-packaging-tools | tail -n1)
 "$TOOLS/helm" version --short
 "$TOOLS/kustomize" version
 

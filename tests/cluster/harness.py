@@ -288,6 +288,9 @@ class ControlPlane:
             "NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultTolerationSeconds,Priority,"
             "PodSecurity,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota",
             "--profiling=false",
+            # Webhooks with a Service clientConfig (the Helm chart's) are called at the
+            # Service's ready endpoints, not its ClusterIP: no kube-proxy runs here.
+            "--enable-aggregator-routing=true",
         ], self.dir).start()
         self.procs.append(apiserver)
         self.apiserver = apiserver
