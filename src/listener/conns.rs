@@ -100,7 +100,7 @@ impl HeadDeadline {
     }
 
     /// When the connection last became idle; `None` while a request is being answered.
-    fn idle_since(&self) -> Option<Instant> {
+    pub(super) fn idle_since(&self) -> Option<Instant> {
         match self.idle_since_ms.load(Ordering::Relaxed) {
             Self::BUSY => None,
             ms => Some(self.opened + Duration::from_millis(ms)),

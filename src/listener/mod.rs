@@ -280,17 +280,29 @@ pub async fn serve_with<W, WF, IO, H, F>(
                 })
             };
             let io = FramingErrors::new(io, framing_error_body.clone());
-            let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
-            tokio::select! {
-                biased;
-                ended = conn => if let Err(e) = ended {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
-                },
-                () = state.deadline.missed(head_limit) => {
-                    tracing::debug!(%peer, limit = ?head_limit, "connection closed: no complete request head in time");
-                }
-                () = state.evict.notified() => {
-                    tracing::debug!(%peer, "idle connection closed to make room or to shut down");
+            let mut conn =
+                std::pin::pin!(watcher.watch(http.serve_connection(TokioIo::new(io), service)));
+            loop {
+                tokio::select! {
+                    biased;
+                    ended = &mut conn => {
+                        if let Err(e) = ended {
+                            tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = state.deadline.missed(head_limit) => {
+                        tracing::debug!(%peer, limit = ?head_limit, "connection closed: no complete request head in time");
+                        break;
+                    }
+                    () = state.evict.notified() => {
+                        // A head may have completed since it was picked: that request is
+                        // answered (the cap waits for the next idlest; shutdown for grace).
+                        if state.deadline.idle_since().is_some() {
+                            tracing::debug!(%peer, "idle connection closed to make room or to shut down");
+                            break;
+                        }
+                    }
                 }
             }
         });
