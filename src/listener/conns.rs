@@ -9,6 +9,9 @@ use tokio::sync::Notify;
 // Tokio's clock: the same as std's, except that tests can pause it.
 use tokio::time::Instant;
 
+/// After an eviction, when the accept loop looks for the next idlest if no slot came free.
+const RECHECK_AFTER_EVICTION: Duration = Duration::from_millis(10);
+
 /// One connection's state, seen by the accept loop.
 pub(super) struct Conn {
     pub(super) deadline: HeadDeadline,
@@ -46,8 +49,9 @@ impl Conns {
         let evictable_at = since + evictable_after;
         if evictable_at <= Instant::now() {
             idlest.evict.notify_one();
-            // Room is made; the permit it frees ends the caller's wait.
-            return Some(Instant::now() + evictable_after);
+            // The permit it frees normally ends the caller's wait at once; look again soon in
+            // case the connection turned busy and ignores the notice.
+            return Some(Instant::now() + evictable_after.min(RECHECK_AFTER_EVICTION));
         }
         Some(evictable_at)
     }

@@ -28,11 +28,39 @@ use framing_errors::FramingErrors;
 
 pub type Body = Full<Bytes>;
 
+/// Connection slots, and the open connections holding them, shared by every listener given
+/// the same `Slots` (`serve`'s token listeners: one cap for all, so adding a listener does not
+/// add a cap's worth of memory). Eviction at the cap picks the idlest of all of them.
+#[derive(Clone)]
+pub struct Slots {
+    permits: Arc<Semaphore>,
+    conns: Arc<Conns>,
+}
+
+impl Slots {
+    pub fn new(max_connections: usize) -> Slots {
+        Slots {
+            permits: Arc::new(Semaphore::new(max_connections.max(1))),
+            conns: Arc::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots")
+            .field("available", &self.permits.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Limits that stop a slow or huge request from pinning the process.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Concurrent connections; further connections wait in the kernel backlog.
     pub max_connections: usize,
+    /// Slots shared with other listeners; `None`: this listener's own `max_connections`.
+    pub shared_slots: Option<Slots>,
     /// Time a connection gets, while no request of it is being answered, to deliver a complete
     /// request head after it opened or after its last answer was ready; then it is closed.
     /// Guards against slow heads (slowloris), idle keep-alive connections, and clients that
@@ -41,8 +69,9 @@ pub struct Limits {
     /// Read buffer cap, i.e. the largest request head accepted (hyper's minimum is 8 KiB).
     pub max_header_bytes: usize,
     /// At the cap, a connection idle (no complete head) for this long may be closed to make
-    /// room for a new one. Shorter evicts faster under a reconnecting flood (a new connection
-    /// waits behind at most `max_connections / evictable_after` accepts per second); longer
+    /// room for a new one. Shorter evicts faster under a reconnecting flood (at the cap the
+    /// listener accepts at most `max_connections / evictable_after` connections per second, so
+    /// one queued behind N others waits about `N × evictable_after / max_connections`); longer
     /// spares the connections of a burst of real callers, whose heads are a few ms behind.
     pub evictable_after: Duration,
     /// Body of the answer to a request hyper cannot parse (else hyper's empty one).
@@ -53,6 +82,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 1024,
+            shared_slots: None,
             header_read_timeout: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
             evictable_after: Duration::from_millis(500),
@@ -72,6 +102,7 @@ impl Limits {
     pub fn admin() -> Limits {
         Limits {
             max_connections: 256,
+            shared_slots: None,
             header_read_timeout: Duration::from_secs(2),
             max_header_bytes: 8 * 1024,
             evictable_after: Duration::from_millis(200),
@@ -189,7 +220,10 @@ pub async fn serve_with<W, WF, IO, H, F>(
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let Slots { permits, conns } = limits
+        .shared_slots
+        .clone()
+        .unwrap_or_else(|| Slots::new(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     // No hyper timer: its `header_read_timeout` arms and cancels a timer for every request;
     // `HeadDeadline` enforces the limit instead.
@@ -199,7 +233,6 @@ pub async fn serve_with<W, WF, IO, H, F>(
     let evictable_after = limits.evictable_after;
     let framing_error_body = limits.framing_error_body.clone();
     let local = listener.local_addr().ok();
-    let conns = Conns::default();
 
     loop {
         let (stream, peer) = tokio::select! {

@@ -132,11 +132,11 @@ pub struct ServeArgs {
     #[arg(long, env = "IMDS_BROKER_ENTRA_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub entra_timeout: Duration,
 
-    /// Maximum concurrent connections on the token listener; at the cap the connection idle
-    /// longest is closed to make room. 1024 lets a burst of 1,000 first requests in at once
-    /// (at 512 the last ones waited ~1.3 s for an eviction); with every one holding a full
-    /// 8 KiB head the broker stays well inside the 32 Mi limit the webhook injects
-    /// (bench/RESULTS.md, bench/broker_load.py).
+    /// Maximum concurrent connections over all token listeners (one cap shared by every
+    /// --listen address); at the cap the connection idle longest (500 ms or more) is closed to
+    /// make room. 1024 lets a burst of 1,000 first requests in at once; with every one holding
+    /// a full 8 KiB head, and the admin listener full too, the broker stays inside the 32 Mi
+    /// limit the webhook injects (bench/RESULTS.md, bench/broker_load.py).
     #[arg(long, env = "IMDS_BROKER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 

@@ -116,12 +116,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let (trigger, shutdown) = listener::shutdown_channel();
-    let open_files = listener::open_files::raise_for(&[
-        args.max_connections.saturating_mul(token_listeners.len()),
-        Limits::admin().max_connections,
-    ]);
+    let open_files =
+        listener::open_files::raise_for(&[args.max_connections, Limits::admin().max_connections]);
     let limits = Limits {
         max_connections: args.max_connections,
+        // One cap for all token listeners (transparent mode has two): the memory budget is
+        // per pod, not per listener.
+        shared_slots: Some(listener::Slots::new(args.max_connections)),
         // A caller on loopback sends its head at once; seconds of waiting only serve slowloris.
         header_read_timeout: args.request_timeout.min(HEAD_TIMEOUT),
         max_header_bytes: MAX_HEAD_BYTES,

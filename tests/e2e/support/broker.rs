@@ -23,6 +23,7 @@ pub struct BrokerBuilder {
     identity_header: Option<String>,
     rust_log: String,
     soft_open_files: Option<u64>,
+    token_listeners: usize,
 }
 
 impl BrokerBuilder {
@@ -34,6 +35,7 @@ impl BrokerBuilder {
             identity_header: Some(IDENTITY_HEADER.into()),
             rust_log: "info".into(),
             soft_open_files: None,
+            token_listeners: 1,
         }
     }
 
@@ -60,6 +62,7 @@ impl BrokerBuilder {
             identity_header: Some(IDENTITY_HEADER.into()),
             rust_log: "info".into(),
             soft_open_files: None,
+            token_listeners: 1,
         }
     }
 
@@ -87,6 +90,12 @@ impl BrokerBuilder {
         self
     }
 
+    /// `n` token listeners (as transparent mode has two), all on ephemeral loopback ports.
+    pub fn token_listeners(mut self, n: usize) -> Self {
+        self.token_listeners = n;
+        self
+    }
+
     /// Starts the broker with this soft open-file limit (as a container runtime may), through
     /// util-linux's `prlimit`, which execs it: the PID is the broker's.
     pub fn soft_open_files(mut self, limit: u64) -> Self {
@@ -111,8 +120,9 @@ impl BrokerBuilder {
             }
             None => Command::new(BIN),
         };
+        let listen = vec!["127.0.0.1:0"; self.token_listeners].join(",");
         cmd.arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--listen", &listen, "--admin-listen", "127.0.0.1:0"])
             .args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -128,8 +138,15 @@ impl BrokerBuilder {
         let line = process
             .expect_json_line("imds-broker listening", Duration::from_secs(20))
             .await;
+        let token_addrs = line["listen"]
+            .as_str()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|a| a.trim().parse().ok())
+            .collect();
         Broker {
             token_addr: bound_addr(&line, "listen"),
+            token_addrs,
             admin_addr: bound_addr(&line, "admin_listen"),
             process,
             identity_header: self.identity_header,
@@ -169,6 +186,8 @@ impl Reply {
 pub struct Broker {
     process: Process,
     pub token_addr: SocketAddr,
+    /// Every token listener's address (the first is `token_addr`).
+    pub token_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub identity_header: Option<String>,
     pub http: reqwest::Client,
