@@ -194,6 +194,11 @@ impl Broker {
     ) -> Result<Arc<Token>, BrokerError> {
         self.metrics.cache(CacheResult::miss);
         let Ok(guard) = tokio::time::timeout_at(deadline, entry.fetch.lock()).await else {
+            // The caller ahead may be waiting out Entra's throttle or the backoff: name that
+            // (with its wait) rather than an exchange that is not running.
+            if let Some((open_at, err)) = self.gate.closed(Instant::now()) {
+                return Err(err.with_retry_after(client_wait(open_at, false)));
+            }
             return Err(unavailable(
                 "a token exchange for this resource is still running",
                 Duration::from_secs(1),

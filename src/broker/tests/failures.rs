@@ -74,6 +74,33 @@ async fn a_wait_past_the_deadline_holds_the_caller_then_answers_a_wait_clients_h
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_caller_behind_one_waiting_out_a_throttle_is_told_of_the_throttle() {
+    let script = Script::new([Step::Transient(Some(secs(120)))]);
+    let b = broker(&script);
+    // The first caller holds the resource's exchange while it waits at the gate.
+    let first = {
+        let b = b.clone();
+        tokio::spawn(async move { get(&b, STORAGE, secs(60)).await })
+    };
+    sleep(secs(1)).await;
+    let err = get(&b, STORAGE, secs(5)).await.unwrap_err();
+    assert!(
+        !err.to_string().contains("still running"),
+        "the cause is the throttle: {err}"
+    );
+    let wait = err.retry_after().unwrap();
+    assert!(
+        wait > secs(1) && wait <= CLIENT_RETRY_AFTER_MAX,
+        "a wait clients honour: {wait:?}"
+    );
+    assert!(
+        first.await.unwrap().is_err(),
+        "held to its deadline, then refused"
+    );
+    assert_eq!(script.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_huge_retry_after_is_clamped() {
     let script = Script::new([Step::Transient(Some(Duration::MAX))]);
     let b = broker(&script);
