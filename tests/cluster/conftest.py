@@ -162,32 +162,40 @@ class Cluster:
             args = ["apply", "--server-side", "--field-manager", "cluster-test", "-f", "-"]
         return self.cp.kubectl(*args, input=text)
 
-    def webhook_env(self):
-        """The env of the webhook container as deploy/ renders it, plus the local addresses."""
+    def webhook_container(self):
+        """The webhook container as deploy/ renders it."""
         dep = self.rendered("Deployment", "imds-broker-webhook")[0]
-        container = dep["spec"]["template"]["spec"]["containers"][0]
-        env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-        return container["args"], env
+        return dep["spec"]["template"]["spec"]["containers"][0]
 
     def start_webhook(self):
-        args, env_from_manifest = self.webhook_env()
-        env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": "info", **env_from_manifest}
+        self.webhook = self.run_webhook(
+            "imds-broker-webhook", self.webhook_container(), listen=f"127.0.0.1:{self.webhook_port}",
+            admin_port=self.webhook_admin_port, tls_dir=self.webhook_tls,
+            token_file=self.webhook_token_file, log_format="text")
+
+    def run_webhook(self, name, container, listen, admin_port, tls_dir, token_file, log_format=None):
+        """`imds-broker webhook` as `container` (a Deployment's) runs it: its args and literal env,
+        plus the local addresses, the certificate in `tls_dir` and the API server reached with
+        `token_file`. Returns once /readyz answers."""
+        env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": "info",
+               **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e}}
+        if log_format:
+            env["IMDS_BROKER_LOG_FORMAT"] = log_format
         env.update({
-            "IMDS_BROKER_LOG_FORMAT": "text",
-            "IMDS_BROKER_WEBHOOK_LISTEN": f"127.0.0.1:{self.webhook_port}",
-            "IMDS_BROKER_WEBHOOK_ADMIN_LISTEN": f"127.0.0.1:{self.webhook_admin_port}",
-            "IMDS_BROKER_WEBHOOK_TLS_CERT_FILE": f"{self.webhook_tls}/tls.crt",
-            "IMDS_BROKER_WEBHOOK_TLS_KEY_FILE": f"{self.webhook_tls}/tls.key",
+            "IMDS_BROKER_WEBHOOK_LISTEN": listen,
+            "IMDS_BROKER_WEBHOOK_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+            "IMDS_BROKER_WEBHOOK_TLS_CERT_FILE": f"{tls_dir}/tls.crt",
+            "IMDS_BROKER_WEBHOOK_TLS_KEY_FILE": f"{tls_dir}/tls.key",
             "IMDS_BROKER_WEBHOOK_KUBE_API_URL": self.cp.url,
-            "IMDS_BROKER_WEBHOOK_KUBE_TOKEN_FILE": self.webhook_token_file,
+            "IMDS_BROKER_WEBHOOK_KUBE_TOKEN_FILE": token_file,
             "IMDS_BROKER_WEBHOOK_KUBE_CA_FILE": self.cp.ca_file,
             "IMDS_BROKER_WEBHOOK_SHUTDOWN_DELAY": "0s",
         })
-        proc = Proc("imds-broker-webhook", [self.broker_bin, *args], self.dir, env=env).start()
-        self.webhook = proc
-        wait_for("imds-broker webhook /readyz", lambda: urllib.request.urlopen(
-            f"http://127.0.0.1:{self.webhook_admin_port}/readyz", timeout=2).status == 200,
+        proc = Proc(name, [self.broker_bin, *container["args"]], self.dir, env=env).start()
+        wait_for(f"{name} /readyz", lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{admin_port}/readyz", timeout=2).status == 200,
             30, proc=proc.popen, log=proc.log)
+        return proc
 
     def stop_webhook(self):
         self.webhook.stop()

@@ -19,13 +19,12 @@ import base64
 import json
 import os
 import subprocess
-import urllib.request
 
 import pytest
 
-from checks import assert_injected, assert_untouched, create_pod, fixture_pod
+from checks import assert_injected, assert_untouched, create_pod, env_of, fixture_pod
 from conftest import env_path
-from harness import ApiError, Proc, free_port, pods_path, wait_for
+from harness import ApiError, free_port, pods_path, wait_for
 
 RELEASE = "ibhelm"
 NS = "imds-broker-helm"
@@ -171,23 +170,8 @@ def start_webhook_as_deployed(cluster, ip):
     for key in ("tls.crt", "tls.key"):
         cluster.cp.write_secret_file(f"helm-tls/{key}", base64.b64decode(secret["data"][key]).decode())
     token = cluster.cp.write_secret_file("helm-webhook-sa.token", cluster.cp.token_request(NS, WEBHOOK))
-    admin_port = free_port()
-    env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": "info",
-           **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e}}
-    env.update({
-        "IMDS_BROKER_WEBHOOK_LISTEN": f"{ip}:{port}",
-        "IMDS_BROKER_WEBHOOK_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
-        "IMDS_BROKER_WEBHOOK_TLS_CERT_FILE": f"{tls}/tls.crt",
-        "IMDS_BROKER_WEBHOOK_TLS_KEY_FILE": f"{tls}/tls.key",
-        "IMDS_BROKER_WEBHOOK_KUBE_API_URL": cluster.cp.url,
-        "IMDS_BROKER_WEBHOOK_KUBE_TOKEN_FILE": token,
-        "IMDS_BROKER_WEBHOOK_KUBE_CA_FILE": cluster.cp.ca_file,
-        "IMDS_BROKER_WEBHOOK_SHUTDOWN_DELAY": "0s",
-    })
-    proc = Proc("imds-broker-webhook-helm", [cluster.broker_bin, *container["args"]], cluster.dir,
-                env=env).start()
-    wait_for("the chart's webhook /readyz", lambda: urllib.request.urlopen(
-        f"http://127.0.0.1:{admin_port}/readyz", timeout=2).status == 200, 30, proc=proc.popen, log=proc.log)
+    proc = cluster.run_webhook("imds-broker-webhook-helm", container, listen=f"{ip}:{port}",
+                               admin_port=free_port(), tls_dir=tls, token_file=token)
     return proc, container
 
 
@@ -211,7 +195,7 @@ def test_admission_through_the_charts_own_webhook_configuration(installed, clust
     stored = create_pod(api, pod, ns=APP_NS)
     sidecar = assert_injected(stored, cluster.entra["client_id"], cluster.entra["tenant_id"])
     # The sidecar is the chart's: its image and memory limit come from the chart's values.
-    chart_env = {e["name"]: e.get("value") for e in container["env"]}
+    chart_env = env_of(container)
     assert sidecar["image"] == chart_env["IMDS_BROKER_WEBHOOK_SIDECAR_IMAGE"] == \
         "registry.example/imds-broker:" + installed["release"]["chart"]["metadata"]["appVersion"]
     assert sidecar["resources"]["limits"]["memory"] == chart_env["IMDS_BROKER_WEBHOOK_SIDECAR_MEMORY_LIMIT"]
@@ -230,8 +214,7 @@ def test_upgrade_keeps_the_certificate_and_applies_values(installed, cluster, he
     assert after["Secret"]["data"] == before["Secret"]["data"]
     assert [h["clientConfig"]["caBundle"] for h in after["MutatingWebhookConfiguration"]["webhooks"]] == \
         [h["clientConfig"]["caBundle"] for h in before["MutatingWebhookConfiguration"]["webhooks"]]
-    env = {e["name"]: e.get("value") for e in
-           after["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = env_of(after["Deployment"]["spec"]["template"]["spec"]["containers"][0])
     assert env["IMDS_BROKER_WEBHOOK_SIDECAR_MEMORY_LIMIT"] == "48Mi"
 
 
