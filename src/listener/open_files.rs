@@ -60,10 +60,11 @@ pub fn ensure(connections: usize) -> std::io::Result<OpenFiles> {
     })
 }
 
-/// [`ensure`] for a process with listeners of these caps, with what happened logged; the limit
-/// in force, for the start-up line (0 if it cannot be read).
-pub fn raise_for(caps: &[usize]) -> u64 {
-    match ensure(caps.iter().fold(0usize, |sum, c| sum.saturating_add(*c))) {
+/// [`ensure`] for a process whose main listeners share a cap of `connections` and which has an
+/// admin listener ([`super::Limits::admin`]), with what happened logged; the limit in force, for
+/// the start-up line (0 if it cannot be read).
+pub fn raise_for(connections: usize) -> u64 {
+    match ensure(connections.saturating_add(super::Limits::admin().max_connections)) {
         Ok(files) => {
             if let Some(warning) = files.shortfall() {
                 tracing::warn!("{warning}");

@@ -116,8 +116,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let (trigger, shutdown) = listener::shutdown_channel();
-    let open_files =
-        listener::open_files::raise_for(&[args.max_connections, Limits::admin().max_connections]);
+    let open_files = listener::open_files::raise_for(args.max_connections);
     let limits = Limits {
         max_connections: args.max_connections,
         // One cap for all token listeners (transparent mode has two): the memory budget is

@@ -55,8 +55,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
     );
     let (trigger, shutdown) = listener::shutdown_channel();
     let ready = Arc::new(AtomicBool::new(true));
-    let open_files =
-        listener::open_files::raise_for(&[args.max_connections, Limits::admin().max_connections]);
+    let open_files = listener::open_files::raise_for(args.max_connections);
 
     let admin = Admin {
         readiness: {
