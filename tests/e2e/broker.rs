@@ -2,6 +2,7 @@
 //! CA) or the built-in emulator.
 
 use crate::support::broker::{enc, token_dir, BrokerBuilder, ARM, IDENTITY_HEADER, STORAGE};
+use crate::support::raw;
 use futures::future::join_all;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use testkit::fake_entra::{FakeAccessToken, FakeEntra, Fault};
@@ -953,19 +954,6 @@ async fn oversized_and_slow_requests_cannot_pin_the_broker() {
     assert!(started.elapsed() < Duration::from_secs(5));
     // Still serving.
     assert_eq!(broker.imds_token(STORAGE).await.status, 200);
-}
-
-/// Sends raw bytes on a new connection and reads the whole answer.
-async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .expect("answered and closed")
-        .unwrap();
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 #[tokio::test]
