@@ -6,12 +6,7 @@ use super::*;
 async fn concurrent_cold_callers_share_one_exchange() {
     let script = Script::slow([], Duration::from_millis(100));
     let b = broker(&script);
-    let callers: Vec<_> = (0..200)
-        .map(|_| {
-            let b = b.clone();
-            tokio::spawn(async move { get(&b, STORAGE, secs(30)).await })
-        })
-        .collect();
+    let callers: Vec<_> = (0..200).map(|_| spawn_get(&b, STORAGE, secs(30))).collect();
     for c in callers {
         assert_eq!(&*c.await.unwrap().unwrap().access_token, "token-0");
     }

@@ -18,16 +18,10 @@ async fn retry_after_is_a_floor_and_the_caller_is_held_until_it_elapses() {
 async fn a_throttle_stops_exchanges_for_every_resource() {
     let script = Script::new([Step::Transient(Some(secs(20)))]);
     let b = broker(&script);
-    let first = {
-        let b = b.clone();
-        tokio::spawn(async move { get(&b, STORAGE, secs(60)).await })
-    };
+    let first = spawn_get(&b, STORAGE, secs(60));
     sleep(secs(1)).await;
     assert_eq!(script.calls(), 1);
-    let other = {
-        let b = b.clone();
-        tokio::spawn(async move { get(&b, ARM, secs(60)).await })
-    };
+    let other = spawn_get(&b, ARM, secs(60));
     sleep(secs(18)).await;
     assert_eq!(
         script.calls(),
@@ -78,10 +72,7 @@ async fn a_caller_behind_one_waiting_out_a_throttle_is_told_of_the_throttle() {
     let script = Script::new([Step::Transient(Some(secs(120)))]);
     let b = broker(&script);
     // The first caller holds the resource's exchange while it waits at the gate.
-    let first = {
-        let b = b.clone();
-        tokio::spawn(async move { get(&b, STORAGE, secs(60)).await })
-    };
+    let first = spawn_get(&b, STORAGE, secs(60));
     sleep(secs(1)).await;
     let err = get(&b, STORAGE, secs(5)).await.unwrap_err();
     assert!(

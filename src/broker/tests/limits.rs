@@ -11,10 +11,7 @@ async fn the_entry_cap_counts_entries_being_fetched() {
     cfg.gate.max_in_flight = 1000;
     let b = broker_with(&script, cfg);
     let callers: Vec<_> = (0..100)
-        .map(|i| {
-            let b = b.clone();
-            tokio::spawn(async move { get(&b, &format!("https://r{i}.example/"), secs(30)).await })
-        })
+        .map(|i| spawn_get(&b, &format!("https://r{i}.example/"), secs(30)))
         .collect();
     let mut refused = 0;
     for c in callers {
@@ -78,10 +75,7 @@ async fn exchanges_in_flight_are_bounded() {
     let script = Script::slow([], secs(1));
     let b = broker(&script);
     let callers: Vec<_> = (0..12)
-        .map(|i| {
-            let b = b.clone();
-            tokio::spawn(async move { get(&b, &format!("https://r{i}.example/"), secs(30)).await })
-        })
+        .map(|i| spawn_get(&b, &format!("https://r{i}.example/"), secs(30)))
         .collect();
     for c in callers {
         c.await.unwrap().unwrap();

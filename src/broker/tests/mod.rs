@@ -139,6 +139,16 @@ async fn get(b: &Arc<Broker>, resource: &str, hold: Duration) -> Result<Arc<Toke
         .await
 }
 
+/// [`get`] on a task of its own: a caller that runs while the test goes on.
+fn spawn_get(
+    b: &Arc<Broker>,
+    resource: &str,
+    hold: Duration,
+) -> tokio::task::JoinHandle<Result<Arc<Token>, BrokerError>> {
+    let (b, resource) = (b.clone(), resource.to_owned());
+    tokio::spawn(async move { get(&b, &resource, hold).await })
+}
+
 fn cached(b: &Broker, resource: &str) -> Option<Arc<Token>> {
     b.cached_token(&Selector::Default, resource).unwrap()
 }
