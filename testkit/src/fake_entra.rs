@@ -1413,9 +1413,21 @@ fn guid() -> String {
 
 /// Entra's `timestamp` format: `2024-05-01 12:34:56Z`.
 fn entra_timestamp(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
+    utc(time::OffsetDateTime::from(t), ' ', "")
+}
+
+/// `2024-05-01T12:34:56.0000000Z`, as in AADSTS700024 messages.
+fn iso_time(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => utc(t, 'T', ".0000000"),
+        Err(_) => format!("{unix} (out of range)"),
+    }
+}
+
+/// `2024-05-01{sep}12:34:56{fraction}Z`: the two formats Entra writes times in.
+fn utc(t: time::OffsetDateTime, sep: char, fraction: &str) -> String {
     format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+        "{:04}-{:02}-{:02}{sep}{:02}:{:02}:{:02}{fraction}Z",
         t.year(),
         u8::from(t.month()),
         t.day(),
@@ -1423,20 +1435,4 @@ fn entra_timestamp(t: SystemTime) -> String {
         t.minute(),
         t.second()
     )
-}
-
-/// `2024-05-01T12:34:56.0000000Z`, as in AADSTS700024 messages.
-fn iso_time(unix: i64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp(unix) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.0000000Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => format!("{unix} (out of range)"),
-    }
 }
