@@ -226,18 +226,30 @@ def threads(pid):
 # ---------------------------------------------------------------- components
 
 
+def start_announcing(procs, argv, what):
+    """Starts a harness binary (examples/) that prints one JSON line of its addresses and then
+    serves; returns the process and that line, parsed."""
+    proc = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = read_line(proc.stdout, 20)
+    if not line:
+        raise Failure(f"{what} printed no JSON line")
+    return proc, json.loads(line)
+
+
+def entra_args(info):
+    """The broker's flags for an authority announced as examples/fake_entra does."""
+    return ["--authority-host", info["authority"], "--ca-file", info["ca_file"],
+            "--tenant-id", info["tenant_id"], "--client-id", info["client_id"],
+            "--token-file", info["token_file"]]
+
+
 class Fake:
     """examples/fake_entra: HTTPS fake Entra plus a plain-HTTP call counter."""
 
     def __init__(self, procs, binary, delay_ms=0, lifetime=3600, cpu=None):
-        self.proc = procs.start(
-            pinned([str(binary), "--delay-ms", str(delay_ms),
-                    "--token-lifetime-secs", str(lifetime)], cpu),
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        line = read_line(self.proc.stdout, 20)
-        if not line:
-            raise Failure("fake_entra printed no JSON line")
-        self.info = json.loads(line)
+        self.proc, self.info = start_announcing(
+            procs, pinned([str(binary), "--delay-ms", str(delay_ms),
+                           "--token-lifetime-secs", str(lifetime)], cpu), "fake_entra")
         m = re.match(r"http://127\.0\.0\.1:(\d+)(/.*)", self.info["calls_url"])
         if not m:
             raise Failure(f"unexpected calls_url {self.info['calls_url']}")
@@ -250,10 +262,7 @@ class Fake:
         return int(body.decode().strip())
 
     def broker_args(self):
-        i = self.info
-        return ["--authority-host", i["authority"], "--ca-file", i["ca_file"],
-                "--tenant-id", i["tenant_id"], "--client-id", i["client_id"],
-                "--token-file", i["token_file"]]
+        return entra_args(self.info)
 
 
 def read_line(stream, timeout):
@@ -266,14 +275,15 @@ def read_line(stream, timeout):
 
 class Broker:
     def __init__(self, procs, binary, out, name, fake=None, cpu=None, workers=None,
-                 extra=(), preexec=None, env=None):
-        """`env`: the broker's environment (default: image_env())."""
+                 extra=(), preexec=None, env=None, subcommand="serve"):
+        """`env`: the broker's environment (default: image_env()); `subcommand`: `serve`, or
+        `node` (then `extra` names the node and `env` the pod API's KUBECONFIG)."""
         self.port, self.admin = free_port(), free_port()
         env = dict(image_env() if env is None else env)
         env.setdefault("RUST_LOG", "info")
         if workers:
             env["IMDS_BROKER_WORKER_THREADS"] = str(workers)
-        self.argv = [str(binary), "serve", "--listen", f"127.0.0.1:{self.port}",
+        self.argv = [str(binary), subcommand, "--listen", f"127.0.0.1:{self.port}",
                      "--admin-listen", f"127.0.0.1:{self.admin}",
                      "--identity-header", SECRET]
         self.argv += fake.broker_args() if fake else ["--emulate"]
@@ -665,6 +675,10 @@ def machine_info():
             return (p.stdout + p.stderr).strip().splitlines()[0]
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return None
+    try:
+        nginx = cmd([nginx_binary(), "-v"])
+    except Failure:  # the fleet runs need no nginx (bench/smoke.sh does not install it)
+        nginx = None
     virt = "yes (hypervisor flag)" if "hypervisor" in (first("/proc/cpuinfo", "flags") or "") else "no"
     return {
         "cpu": first("/proc/cpuinfo", "model name"),
@@ -677,7 +691,7 @@ def machine_info():
                            if Path("/etc/debian_version").exists() else "?"),
         "rustc": cmd(["rustc", "--version"]),
         "wrk": cmd(["wrk", "-v"]),
-        "nginx": cmd([nginx_binary(), "-v"]),
+        "nginx": nginx,
     }
 
 

@@ -9,6 +9,12 @@ webhook injects (32 Mi), with its admin probe timed throughout. Two floods, one 
    cold callers' connections evict held heads, as any new caller at the cap does.
 2. **Oversized heads.** 1,500 clients at once, each sending a 15,000-byte head (past the 8-KiB
    cap: each must get a JSON 431, and the broker must not buffer them).
+3. **A hostile authority.** A second broker, in a 32 MiB cgroup of its own, whose "Entra"
+   (examples/hostile_authority) answers everything — the discovery document at start-up, every
+   token request — with 50 MB: in turn a 500 with `Content-Length`, a 200 chunked, a 503
+   chunked and paced with `Retry-After: 1`, a 200 with `Content-Length`. Four callers ask for
+   tokens for 12 s; each must get a JSON 503, and the broker's peak RSS (VmHWM, start-up
+   included) is reported against its idle RSS: the transport reads 64 KiB at most.
 
 After each flood a legitimate token request must be answered 200 within 2 s, and `/readyz`
 (polled every 50 ms on new connections) within 1 s throughout.
@@ -19,7 +25,7 @@ fake on 127.0.0.1, started and stopped here, ~5 s). Exits 1 on a functional fail
 or the legitimate request late or refused, a caller unanswered, the broker gone or OOM-killed),
 never on the memory figure.
 
-    bench/broker_load.py BROKER FAKE_ENTRA
+    bench/broker_load.py BROKER FAKE_ENTRA [HOSTILE_AUTHORITY]
 """
 import asyncio
 import collections
@@ -133,8 +139,49 @@ async def floods(broker, fake, failures):
     print(f"peak RSS {bench.vm_kib(pid, 'VmHWM') / 1024:.1f} MiB (injected limit 32 MiB)")
 
 
+class Hostile:
+    """examples/hostile_authority: the broker's Entra, answering 50 MB to everything."""
+
+    def __init__(self, procs, binary):
+        self.proc, self.info = bench.start_announcing(procs, [str(binary)], "hostile_authority")
+
+    def broker_args(self):
+        return bench.entra_args(self.info)
+
+
+HOSTILE_SECS = 12
+
+
+async def hostile_flood(broker, failures):
+    pid, port = broker.pid, broker.port
+    await asyncio.sleep(1)
+    idle = bench.vm_kib(pid, "VmRSS")
+    answers = []
+
+    async def caller(i):
+        end = time.monotonic() + HOSTILE_SECS
+        resource_ = ["https%3A%2F%2Fstorage.azure.com%2F", "https%3A%2F%2Fmanagement.azure.com%2F"][i % 2]
+        while time.monotonic() < end:
+            answers.append(await request(port, get(TOKEN + resource_, "Metadata: true\r\n"), 40))
+
+    await asyncio.gather(*(caller(i) for i in range(4)))
+    statuses = collections.Counter(s for s, _ in answers)
+    exchanges = broker.metric("imds_broker_entra_requests_total")
+    peak = bench.vm_kib(pid, "VmHWM")
+    print(f"hostile authority (50 MB answers) for {HOSTILE_SECS} s: {len(answers)} token requests "
+          f"answered {dict(sorted(statuses.items()))}, slowest {max(t for _, t in answers):.2f} s, "
+          f"{exchanges:.0f} exchanges")
+    print(f"  RSS idle {idle / 1024:.1f} MiB, peak (VmHWM, start-up included) {peak / 1024:.1f} MiB: "
+          f"+{(peak - idle) / 1024:.1f} MiB")
+    if set(statuses) != {503}:
+        failures.append(f"hostile authority: callers answered {dict(statuses)}, not all 503")
+    if exchanges < 2:
+        failures.append(f"hostile authority: only {exchanges:.0f} exchanges were tried")
+
+
 def main():
     broker_bin, fake_bin = Path(sys.argv[1]), Path(sys.argv[2])
+    hostile_bin = Path(sys.argv[3]) if len(sys.argv) > 3 else fake_bin.with_name("hostile_authority")
     # This process holds ~2,300 sockets at once (the held heads and the cold callers).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 8192:
@@ -159,6 +206,25 @@ def main():
                 failures.append(f"the broker was OOM-killed in its {LIMIT >> 20} MiB limit")
         if broker.proc.poll() is not None:
             failures.append(f"the broker exited ({broker.proc.returncode})")
+        procs.stop(broker.proc)
+        hostile_cg = MemoryLimit("imds-broker-hostile", LIMIT)
+        try:
+            hostile = Hostile(procs, hostile_bin)
+            broker = bench.Broker(procs, broker_bin, out, "hostile", fake=hostile,
+                                  extra=["--request-timeout", "5s"],
+                                  preexec=hostile_cg.preexec() if hostile_cg.available else None)
+            asyncio.run(asyncio.wait_for(hostile_flood(broker, failures), 60))
+            if hostile_cg.available:
+                kills = hostile_cg.oom_kills()
+                print(f"  inside a {LIMIT >> 20} MiB memory cgroup: peak charge "
+                      f"{(hostile_cg.peak_bytes() or 0) / 2**20:.1f} MiB, OOM kills {kills}")
+                if kills:
+                    failures.append("the broker facing the hostile authority was OOM-killed")
+            if broker.proc.poll() is not None:
+                failures.append(f"the broker facing the hostile authority exited "
+                                f"({broker.proc.returncode})")
+        finally:
+            hostile_cg.close()
     finally:
         procs.stop_all()
         cg.close()

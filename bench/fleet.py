@@ -72,7 +72,8 @@ MODES = {
                   solo_runs=3),
 }
 
-LISTEN_RE = re.compile(r'"listen":"127\.0\.0\.1:(\d+)"')
+# A node broker listens on its node's address (bench/node_fleet.py: 127.0.N.1), so any IPv4.
+LISTEN_RE = re.compile(r'"listen":"[0-9.]+:(\d+)"')
 ADMIN_RE = re.compile(r'"admin_listen":"127\.0\.0\.1:(\d+)"')
 STARTUP_RE = re.compile(r'"startup_ms":(\d+)')
 
@@ -93,13 +94,15 @@ def dist(xs):
 # ---------------------------------------------------------------- HTTP over asyncio
 
 
-async def http_get(port, target, headers, timeout):
-    """One GET on its own connection; returns (status, headers dict, body bytes)."""
+async def http_get(port, target, headers, timeout, host="127.0.0.1", source=None):
+    """One GET on its own connection; returns (status, headers dict, body bytes). `source`
+    binds the socket to that address first (a node broker attests callers by it)."""
     async def go():
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection(
+            host, port, local_addr=(source, 0) if source else None)
         try:
             head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{head}"
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\n{head}"
                          "Connection: close\r\n\r\n".encode())
             raw = await reader.readuntil(b"\r\n\r\n")
             lines = raw.decode("latin-1").split("\r\n")
@@ -122,15 +125,17 @@ def app_service_target(res):
     return f"/msi/token?api-version=2019-08-01&resource={quote(res, safe='')}"
 
 
-async def get_token(port, res, rec, key):
+async def get_token(port, res, rec, key, host="127.0.0.1", source=None):
     """Asks for `res` like Go azidentity over App Service (CLIENT_BUDGET); records the moment
-    the token arrived in rec[key], retries in rec['retries'], a failure in rec['errors']."""
+    the token arrived in rec[key], retries in rec['retries'], a failure in rec['errors'].
+    `host`, `source`: as for http_get."""
     b = CLIENT_BUDGET
     for attempt in range(b["retries"] + 1):
         wait = None
         try:
             status, hdrs, body = await http_get(port, app_service_target(res),
-                                                {"X-IDENTITY-HEADER": SECRET}, b["try_timeout_s"])
+                                                {"X-IDENTITY-HEADER": SECRET}, b["try_timeout_s"],
+                                                host, source)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
             status, hdrs, body = None, {}, repr(e).encode()
         if status == 200:
@@ -211,9 +216,9 @@ def raise_driver_priority():
         return "all at the same priority (could not raise the driver's)"
 
 
-def broker_argv(binary, fake, token_file, extra=()):
+def broker_argv(binary, fake, token_file, extra=(), sub="serve", listen="127.0.0.1:0"):
     i = fake.info
-    return [*BROKER_PREFIX, str(binary), "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+    return [*BROKER_PREFIX, str(binary), sub, "--listen", listen, "--admin-listen", "127.0.0.1:0",
             "--identity-header", SECRET, "--authority-host", i["authority"],
             "--ca-file", i["ca_file"], "--tenant-id", i["tenant_id"],
             "--client-id", i["client_id"], "--token-file", token_file, *extra]
@@ -233,31 +238,36 @@ async def spawn(procs, argv, env):
 
 
 async def drive(p, rec, reader, listening, ready_timeout=30):
-    """Waits for the listening line, polls /readyz (5 ms, with a deadline), then asks for the
-    storage token and then the ARM token."""
+    """Waits until ready (wait_ready), then asks for the storage token and then the ARM token."""
     try:
-        rec["t_listening"], line = await asyncio.wait_for(listening, ready_timeout)
-        rec["port"] = int(LISTEN_RE.search(line).group(1))
-        rec["admin"] = int(ADMIN_RE.search(line).group(1))
-        m = STARTUP_RE.search(line)
-        rec["startup_ms_logged"] = int(m.group(1)) if m else None
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            try:
-                status, _, _ = await http_get(rec["admin"], "/readyz", {}, 2)
-                if status == 200:
-                    break
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-                pass
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise Failure(f"broker pid {rec['pid']} never ready")
-            await asyncio.sleep(0.005)
-        rec["t_ready"] = time.monotonic()
-        rec["cpu_at_ready_s"] = thread_cpu_s(rec["pid"])
+        await wait_ready(p, rec, listening, ready_timeout)
         if await get_token(rec["port"], STORAGE, rec, "t_storage"):
             await get_token(rec["port"], ARM, rec, "t_arm")
     except (Failure, asyncio.TimeoutError, AttributeError) as e:
         rec["errors"].append(f"start: {e!r}")
+
+
+async def wait_ready(p, rec, listening, ready_timeout=30):
+    """Waits for the listening line (its ports go to rec), then polls /readyz (5 ms, with a
+    deadline); records t_listening, t_ready and the CPU used up to ready."""
+    rec["t_listening"], line = await asyncio.wait_for(listening, ready_timeout)
+    rec["port"] = int(LISTEN_RE.search(line).group(1))
+    rec["admin"] = int(ADMIN_RE.search(line).group(1))
+    m = STARTUP_RE.search(line)
+    rec["startup_ms_logged"] = int(m.group(1)) if m else None
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        try:
+            status, _, _ = await http_get(rec["admin"], "/readyz", {}, 2)
+            if status == 200:
+                break
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            pass
+        if p.poll() is not None or time.monotonic() > deadline:
+            raise Failure(f"broker pid {rec['pid']} never ready")
+        await asyncio.sleep(0.005)
+    rec["t_ready"] = time.monotonic()
+    rec["cpu_at_ready_s"] = thread_cpu_s(rec["pid"])
 
 
 async def fleet_run(procs, binary, fake, n, token_files, spread_s=0.0):
@@ -474,6 +484,16 @@ def stop_and_reap(procs, ps, grace=15):
     return cpu
 
 
+def expected_refresh_calls(window, lifetime, resources=2):
+    """[least, most] Entra calls of one broker serving `resources` resources for `window` s
+    from its first call, with `lifetime`-s tokens. It refreshes an entry at half its lifetime
+    in whole seconds (L or L - 1) plus the exchange itself; each resource: 1 + floor(window /
+    half) calls, within one."""
+    r_lo, r_hi = (lifetime - 1) / 2, lifetime / 2 + 1
+    return [resources * (1 + math.floor(window / r_hi)) - 1,
+            resources * (1 + math.floor(window / r_lo))]
+
+
 # ---------------------------------------------------------------- measurements
 
 
@@ -668,10 +688,7 @@ async def cost(procs, paths, cfg):
     for scope in ("storage", "arm"):
         ts = sorted(c["t"] for c in calls if c["scope"] == scope)
         gaps[scope] = [round(b - a, 2) for a, b in zip(ts, ts[1:])]
-    # The broker refreshes an entry at half its lifetime in whole seconds (L or L - 1) plus
-    # the exchange itself; each resource: 1 + floor(window / half) calls, within one.
-    r_lo, r_hi = (L - 1) / 2, L / 2 + 1
-    expected = [2 * (1 + math.floor(window / r_hi)) - 1, 2 * (1 + math.floor(window / r_lo))]
+    expected = expected_refresh_calls(window, L)
     m = bench.Broker.metric
     stale = None
     try:
@@ -924,12 +941,21 @@ def main():
     res = {"mode": args.mode, "params": cfg, "client_budget": CLIENT_BUDGET,
            "priorities": raise_driver_priority(),
            "machine": bench.machine_info(), "load_start": bench.loadavg(), "fd_limit": want}
+    stem = "fleet" if args.mode == "full" else "fleet-smoke"
+    return run_and_report(lambda procs: run(args, cfg, paths, res, procs), res,
+                          lambda r: evaluate(r, cfg), render, args.out, stem, "fleet")
+
+
+def run_and_report(measure, res, evaluate_fn, render_fn, out, stem, what):
+    """Runs the coroutine `measure(procs)` (it fills `res`), stops every process it started,
+    evaluates (`evaluate_fn(res)` -> targets, functional failures), writes OUT/STEM.json and
+    OUT/STEM.md and prints the latter. Returns the exit status: 1 on functional failures."""
     procs = Procs()
     failures = []
     started = time.monotonic()
     try:
-        asyncio.run(run(args, cfg, paths, res, procs))
-    except (Failure, OSError, subprocess.SubprocessError) as e:
+        asyncio.run(measure(procs))
+    except (Failure, OSError, subprocess.SubprocessError, asyncio.TimeoutError) as e:
         failures.append(f"run aborted: {e!r}")
     except KeyboardInterrupt:
         failures.append("interrupted")
@@ -937,16 +963,15 @@ def main():
         procs.stop_all()
     res["load_end"] = bench.loadavg()
     res["elapsed_s"] = round(time.monotonic() - started, 1)
-    targets, functional = evaluate(res, cfg)
+    targets, functional = evaluate_fn(res)
     failures += functional
     res["targets"] = [{"name": n, "value": v, "met": ok} for n, v, ok in targets]
     res["failures"] = failures
-    stem = "fleet" if args.mode == "full" else "fleet-smoke"
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    text = render(res, targets, failures)
-    (args.out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    text = render_fn(res, targets, failures)
+    (out / f"{stem}.md").write_text(text)
     print(text)
-    log(f"fleet done in {res['elapsed_s']} s; results in {args.out}/{stem}.json and {stem}.md")
+    log(f"{what} done in {res['elapsed_s']} s; results in {out}/{stem}.json and {stem}.md")
     return 1 if failures else 0
 
 

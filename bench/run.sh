@@ -4,7 +4,8 @@
 # for a quiet machine, runs the five measurements, prints the table and writes
 # bench/out/results.{json,md} and bench/latency.png; then the fleet (bench/fleet.py: 200-broker
 # burst, throttled burst, 6-simulated-hour cost run, idle wake-ups) into bench/out/fleet.{json,md}
-# and bench/fleet.png. Extra arguments go to bench/bench.py (e.g. --only hot,cold);
+# and bench/fleet.png; then node mode vs sidecar mode (bench/node_fleet.py) into
+# bench/out/node_fleet.{json,md} and bench/node_fleet.png. Extra arguments go to bench/bench.py (e.g. --only hot,cold);
 # `bench/run.sh fleet [fleet.py arguments]` runs only the fleet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,5 +37,11 @@ python3 bench/fleet.py --mode full --out bench/out \
     --broker "$dir/imds-broker" --fake "$dir/examples/fake_entra" "$@" || status=$?
 if [ -f bench/out/fleet.json ]; then
     .venv/bin/python bench/fleet_plot.py bench/out/fleet.json bench/fleet.png
+fi
+# Node mode vs sidecar mode, 20 nodes x 50 pods (bench/node_fleet.py, ~3 min).
+python3 bench/node_fleet.py --mode full --out bench/out --broker "$dir/imds-broker" \
+    --fake "$dir/examples/fake_entra" --kube "$dir/examples/fake_kube_pods" || status=$?
+if [ -f bench/out/node_fleet.json ]; then
+    .venv/bin/python bench/node_fleet_plot.py bench/out/node_fleet.json bench/node_fleet.png
 fi
 exit $status

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# ~70-second smoke version of bench/run.sh for the test run: the same five measurements,
+# ~85-second smoke version of bench/run.sh for the test run: the same five measurements,
 # scaled down (1-second wrk runs, 200 cold callers, 3 start-ups, a 13-second soak with
 # 24-second tokens run alongside), then the fleet path (bench/fleet.py --mode smoke: a burst
 # of 20 brokers, a throttled burst of 20, a 24-second cost run with a 20-second idle window alongside,
-# ~35 s), and the webhook's and one broker's worst allowed load in memory cgroups of their
+# ~35 s), node mode vs sidecar mode (bench/node_fleet.py --mode smoke, ~15 s), and the webhook's and one broker's worst allowed load in memory cgroups of their
 # limits (bench/webhook_load.py, bench/broker_load.py, ~10 s). Exits non-zero only on functional failures (errors, more than one Entra call on the
 # cold path, wrong refresh count, a broker not answering; in the fleet: a broker without its
 # tokens, Entra calls != 2 per broker, a client failure within its retry budget, a call before
@@ -38,4 +38,8 @@ python3 bench/bench.py --mode smoke --out bench/out/smoke \
     --hyper "$tools/examples/hyper_static" "$@" || status=$?
 # The fleet runs even if the above failed, so one run reports both.
 python3 bench/fleet.py --mode smoke --out bench/out/smoke --broker "$broker" --fake "$fake" || status=$?
+# Node mode vs sidecar mode, 2 nodes x 5 pods, 6-s tokens (~15 s): Entra calls == 2 per node
+# in the cold round, every broker on the refresh schedule, no client failure.
+python3 bench/node_fleet.py --mode smoke --out bench/out/smoke --broker "$broker" --fake "$fake" \
+    --kube "$tools/examples/fake_kube_pods" || status=$?
 exit $status

@@ -15,7 +15,8 @@
 //! - `POST /fault` with JSON `{"status": 429, "retry_after": 10, "for_secs": 30}`: every token
 //!   request gets that status (with `Retry-After` if given) until `DELETE /fault`, or for
 //!   `for_secs` seconds if given (timed here, so the window does not depend on the caller's
-//!   scheduling). `{"reset": true}` instead drops each connection without an answer. Answers
+//!   scheduling). `{"reset": true}` instead drops each connection without an answer;
+//!   `{"delay_ms": N}` only makes the next token request wait N ms before its normal answer. Answers
 //!   `{"now_ms": N}`, the moment the fault began.
 //! - `DELETE /fault`: normal answers again.
 //!
@@ -241,6 +242,12 @@ impl Control {
     fn set_fault(self: &Arc<Self>, body: &[u8]) -> Result<serde_json::Value, String> {
         let spec: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+        if let Some(ms) = spec.get("delay_ms").and_then(|v| v.as_u64()) {
+            // One-shot: only the next token request waits (the sticky fault stays as it is).
+            self.fake
+                .push_fault(Fault::Delay(Duration::from_millis(ms)));
+            return Ok(serde_json::json!({"now_ms": self.now_ms()}));
+        }
         let fault = if spec.get("reset").and_then(|v| v.as_bool()) == Some(true) {
             Fault::Reset
         } else {

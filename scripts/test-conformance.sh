@@ -15,8 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "--- building the broker, the fake Entra and the Rust SDK client"
-cargo build --locked --bin imds-broker --example fake_entra --example rust_mi_client
+echo "--- building the broker, the fake Entra, the fake pod API and the Rust SDK client"
+cargo build --locked --bin imds-broker --example fake_entra --example fake_kube_pods --example rust_mi_client
 
 echo "--- Python SDKs (.venv)"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv

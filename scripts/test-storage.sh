@@ -23,7 +23,7 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 echo "--- building the broker"
 # With an example in the build, cargo unifies dev-dependency features as `cargo test` does, so
 # this reuses the test build instead of compiling every dependency a second time.
-cargo build --locked --bin imds-broker --example fake_entra
+cargo build --locked --bin imds-broker --example fake_entra --example fake_kube_pods
 
 echo "--- Python SDKs (.venv)"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv

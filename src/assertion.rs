@@ -6,7 +6,13 @@
 //! file and the fix, instead of an opaque AADSTS code from Entra.
 
 pub use crate::clock::now_unix;
+use crate::excerpt::{excerpt, excerpt_list};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use std::io::Read;
+
+/// How much of a claim (an audience, a value the decoder refused) a message repeats.
+const CLAIM_CHARS: usize = 100;
 
 /// Largest token file read: a projected service-account token is a few KiB, and the file is
 /// read before every exchange and every readiness probe.
@@ -55,9 +61,10 @@ pub enum AssertionError {
     #[error("service-account token in {path} is not valid before {nbf} (in {wait}s): check the node clock")]
     NotYetValid { path: PathBuf, nbf: u64, wait: u64 },
     #[error(
-        "service-account token in {path} has audience {found:?} but the federated credential \
+        "service-account token in {path} has audience [{}] but the federated credential \
          expects {expected:?}: set the projected volume's audience to {expected:?} (or \
-         --token-audience to the audience of your federated credential)"
+         --token-audience to the audience of your federated credential)",
+        excerpt_list(found, 3, CLAIM_CHARS)
     )]
     WrongAudience {
         path: PathBuf,
@@ -160,15 +167,15 @@ impl TokenFile {
         Ok(token.to_owned())
     }
 
-    fn check_claims(&self, token: &str, now: u64) -> Result<(), AssertionError> {
+    pub(crate) fn check_claims(&self, token: &str, now: u64) -> Result<(), AssertionError> {
         let path = || self.path.clone();
-        let claims: Claims =
-            jsonwebtoken::dangerous::insecure_decode_claims(token).map_err(|e| {
-                AssertionError::Malformed {
-                    path: path(),
-                    reason: e.to_string(),
-                }
-            })?;
+        let malformed = |reason: String| AssertionError::Malformed {
+            path: path(),
+            reason,
+        };
+        check_shape(token).map_err(malformed)?;
+        let claims: Claims = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|e| malformed(excerpt(&e.to_string(), 2 * CLAIM_CHARS).into_owned()))?;
         if let Some(exp) = claims.exp {
             if exp <= now {
                 return Err(AssertionError::Expired {
@@ -200,6 +207,33 @@ impl TokenFile {
     }
 }
 
+/// A JWT's shape, which the claims decoder does not check (it reads the part before the last
+/// '.' but one): three non-empty base64url parts, the header a JSON object. Anything else is
+/// not the projected token, and Entra would refuse it with an opaque AADSTS code.
+fn check_shape(token: &str) -> Result<(), String> {
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 {
+        return Err(format!(
+            "{} parts, where a JWT has 3: header.payload.signature",
+            parts.len()
+        ));
+    }
+    for (i, name) in [(0, "header"), (1, "payload"), (2, "signature")] {
+        if parts[i].is_empty() {
+            return Err(format!("part {} (the {name}) is empty", i + 1));
+        }
+    }
+    let header = URL_SAFE_NO_PAD
+        .decode(parts[0])
+        .ok()
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+        .ok_or("the header is not base64url JSON")?;
+    if !header.is_object() {
+        return Err("the header is not a JSON object".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,8 +248,6 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("larger than 64 KiB"), "{e}");
     }
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine;
 
     fn jwt(claims: serde_json::Value) -> String {
         let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
@@ -285,6 +317,64 @@ mod tests {
             f.read().unwrap_err(),
             AssertionError::Malformed { .. }
         ));
+    }
+
+    fn claims_error(token: &str) -> AssertionError {
+        TokenFile::new("/t", "api://AzureADTokenExchange")
+            .check_claims(token, 1_750_000_000)
+            .unwrap_err()
+    }
+
+    /// Found by fuzz/fuzz_targets/token_claims.rs: the JWT decoder reads only the payload
+    /// (the part before the last '.' but one), so these passed for a JWT.
+    #[test]
+    fn a_token_is_three_parts_with_a_json_object_header() {
+        let good = jwt(serde_json::json!({"aud": "api://AzureADTokenExchange"}));
+        let (header, rest) = good.split_once('.').unwrap();
+        let payload = rest.split('.').next().unwrap();
+        for (bad, why) in [
+            (format!("extra.{good}"), "4 parts"),
+            (
+                format!("{header}.{payload}."),
+                "part 3 (the signature) is empty",
+            ),
+            (format!("e30K!.{rest}"), "the header is not base64url JSON"),
+            (
+                format!("{}.{rest}", URL_SAFE_NO_PAD.encode("[1]")),
+                "the header is not a JSON object",
+            ),
+        ] {
+            match claims_error(&bad) {
+                AssertionError::Malformed { reason, .. } => {
+                    assert!(reason.contains(why), "{reason}")
+                }
+                e => panic!("{bad}: {e}"),
+            }
+        }
+        assert!(TokenFile::new("/t", "api://AzureADTokenExchange")
+            .check_claims(&good, 1_750_000_000)
+            .is_ok());
+    }
+
+    /// The bound fuzz/fuzz_targets/token_claims.rs checks: a claim's value or the audience
+    /// list was repeated whole in the message (which goes to callers and the log).
+    #[test]
+    fn messages_quote_the_claims_only_in_part() {
+        let long = "x".repeat(5000);
+        let many: Vec<String> = (0..1000).map(|i| format!("aud-{i}")).collect();
+        for claims in [
+            serde_json::json!({"aud": "api://AzureADTokenExchange", "exp": long}),
+            serde_json::json!({"aud": many}),
+            serde_json::json!({"aud": [long]}),
+        ] {
+            let msg = claims_error(&jwt(claims)).to_string();
+            assert!(msg.len() < 1024, "{} bytes: {msg:.300}", msg.len());
+        }
+        let msg = claims_error(&jwt(serde_json::json!({"aud": many}))).to_string();
+        assert!(
+            msg.contains(r#""aud-0", "aud-1", "aud-2" and 997 more"#),
+            "{msg}"
+        );
     }
 
     #[test]

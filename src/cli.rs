@@ -1,5 +1,6 @@
 //! The command line: global flags and the subcommands, each of which owns its own flags
-//! ([`crate::serve`], [`crate::webhook`], [`crate::netns`]).
+//! ([`crate::serve`], [`crate::node`], [`crate::webhook`], [`crate::netns`],
+//! [`crate::velero_env`]).
 //!
 //! Every flag can also be set through the environment variable named in its help, so the same
 //! image can be configured from a pod spec (env) or a shell (flags). Durations take humantime
@@ -64,6 +65,8 @@ impl Cli {
 pub enum Command {
     /// Run the token broker (the sidecar).
     Serve(Box<crate::serve::ServeArgs>),
+    /// Run the token broker for the pods of this node (a DaemonSet), attesting each caller.
+    Node(Box<crate::node::NodeArgs>),
     /// Run the mutating admission webhook that injects the broker into matching pods.
     Webhook(Box<crate::webhook::WebhookArgs>),
     /// Check every link from the token file to a served token, one verdict line each.
@@ -72,6 +75,8 @@ pub enum Command {
     Inject(Box<crate::inject::InjectArgs>),
     /// Route 169.254.169.254 to this pod's loopback interface (init container, needs NET_ADMIN).
     InitNetwork(crate::netns::InitNetworkArgs),
+    /// Print the env Velero needs for node mode (Helm values or kubectl patch commands).
+    VeleroEnv(crate::velero_env::VeleroEnvArgs),
 }
 
 #[cfg(test)]

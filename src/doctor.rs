@@ -4,8 +4,13 @@
 //! every later link depends on it. Run in the sidecar: `kubectl exec POD -c imds-broker --
 //! /imds-broker doctor` (no shell needed; it reads the sidecar's own env).
 //!
+//! `doctor --app-service` checks instead whether a pod is covered by its node's broker (node
+//! mode): [`app_service`].
+//!
 //! Nothing secret is printed: the token file's claims are, its signature and the access
 //! tokens are not.
+
+mod app_service;
 
 use crate::assertion::TokenFile;
 use crate::clock::now_unix;
@@ -24,6 +29,10 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_RESOURCE: &str = "https://storage.azure.com/";
 
 #[derive(Debug, Clone, Args)]
+// --app-service checks a pod against its node's broker: the broker's own identity is not needed.
+#[command(mut_arg("token_file", |a| a.required_unless_present_any(["emulate", "app_service"])))]
+#[command(mut_arg("client_id", |a| a.required_unless_present_any(["emulate", "app_service"])))]
+#[command(mut_arg("tenant_id", |a| a.required_unless_present_any(["emulate", "app_service"])))]
 pub struct DoctorArgs {
     /// Resources to exchange for (repeatable). Default: the allow-list and prefetch entries,
     /// or https://storage.azure.com/ when neither is set.
@@ -34,6 +43,17 @@ pub struct DoctorArgs {
     /// sidecar, e.g. to test a configuration before deploying it).
     #[arg(long)]
     pub no_listener: bool,
+
+    /// Check this pod against its node's broker instead (node mode): the App Service env
+    /// (IDENTITY_ENDPOINT, IDENTITY_HEADER), the broker reachable, its attestation verdict for
+    /// this pod, the header, a token served. Run as an ephemeral container of the pod.
+    #[arg(long)]
+    pub app_service: bool,
+
+    /// With --app-service: read the env from /proc/PID/environ (an ephemeral container shares
+    /// the target container's processes, not its env; `--from-pid 1` is its first process).
+    #[arg(long, requires = "app_service")]
+    pub from_pid: Option<u32>,
 
     /// The broker's own flags and env, as `serve` reads them.
     #[command(flatten)]
@@ -52,7 +72,12 @@ fn info(step: &str, detail: impl std::fmt::Display) {
 }
 
 pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
-    match check(&args).await {
+    let checked = if args.app_service {
+        app_service::check(args.from_pid, &resources(&args)[0]).await
+    } else {
+        check(&args).await
+    };
+    match checked {
         Ok(()) => {
             println!("doctor: every link works");
             Ok(())

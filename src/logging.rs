@@ -4,7 +4,7 @@
 use clap::ValueEnum;
 use std::io::{IsTerminal, Write};
 use tracing::Level;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -104,9 +104,18 @@ impl<W: Write> Write for Escaping<W> {
     }
 }
 
+/// kube-rs's HTTP layer logs every failed API request at error level, without saying what it
+/// was for; `node`'s pod watch logs the same failure with its namespace and a hint
+/// (attest/watch.rs), so by default this one is off. RUST_LOG can turn it on.
+const KUBE_CLIENT_REQUESTS: &str = "kube_client::client::builder";
+
 /// The filter for a RUST_LOG value: `info` when it is empty or invalid (with the parse error).
 fn parse_filter(spec: &str) -> (Targets, Option<String>) {
-    let default = || Targets::new().with_default(Level::INFO);
+    let default = || {
+        Targets::new()
+            .with_default(Level::INFO)
+            .with_target(KUBE_CLIENT_REQUESTS, LevelFilter::OFF)
+    };
     if spec.trim().is_empty() {
         return (default(), None);
     }
@@ -149,6 +158,7 @@ mod tests {
         assert!(bad.is_none());
         assert!(t.would_enable("imds_broker", &Level::INFO));
         assert!(!t.would_enable("imds_broker", &Level::DEBUG));
+        assert!(!t.would_enable(KUBE_CLIENT_REQUESTS, &Level::ERROR));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use imds_broker::cli::{Cli, Command};
-use imds_broker::{doctor, inject, logging, netns, serve, webhook};
+use imds_broker::{doctor, inject, logging, netns, node, serve, velero_env, webhook};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -30,10 +30,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(*args).await,
+            Command::Node(args) => node::run(*args).await,
             Command::Webhook(args) => webhook::run(*args).await,
             Command::InitNetwork(args) => netns::run(args).await,
             Command::Inject(args) => inject::run(*args).await,
             Command::Doctor(args) => doctor::run(*args).await,
+            Command::VeleroEnv(args) => velero_env::run(&args),
         }
     });
     match result {

@@ -5,7 +5,8 @@ native sidecars (1.29) up to the newest the package ships:
 
 - every kustomization under deploy/ (rendered with `kustomize build` or `kubectl kustomize`
   when one is installed; otherwise each resource file on its own), plus consistency checks the
-  schemas cannot express (webhook <-> Service <-> Deployment <-> PDB <-> RBAC <-> certificate);
+  schemas cannot express (webhook <-> Service <-> Deployment <-> PDB <-> RBAC <-> certificate;
+  node mode's DaemonSet <-> env order <-> token volume <-> Roles <-> Service);
 - the pods the golden test mutated (<target>/webhook-mutated/*.json, written by
   `cargo test --test e2e webhook_golden::`) and the Velero pod fixtures they came from.
 
@@ -138,8 +139,14 @@ TEST_IMAGE = "registry.example/imds-broker:0.1.0"
 PLACEHOLDER_ERROR = "out of bounds for value IMAGE-NOT-SET--run-kustomize-edit-set-image"
 
 
+# deploy/node's identity placeholders refuse to build too; the checks fill them in.
+TEST_CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+TEST_TENANT_ID = "66666666-7777-8888-9999-000000000000"
+
+
 def with_image(kdir, tmp):
-    """A copy of deploy/ in tmp whose kustomization for kdir sets TEST_IMAGE; its path."""
+    """A copy of deploy/ in tmp whose kustomization for kdir sets TEST_IMAGE (and deploy/node's
+    identity); its path."""
     copy = os.path.join(tmp, "deploy")
     shutil.copytree(DEPLOY, copy)
     target = os.path.join(copy, os.path.relpath(kdir, DEPLOY), "kustomization.yaml")
@@ -149,6 +156,9 @@ def with_image(kdir, tmp):
     for entry in k.get("images", []):
         if entry.get("name") == "imds-broker":
             entry.update(newName=name, newTag=tag)
+    for entry in k.get("configMapGenerator", []):
+        if entry.get("name") == "imds-broker-node-identity":
+            entry["literals"] = [f"client-id={TEST_CLIENT_ID}", f"tenant-id={TEST_TENANT_ID}"]
     with open(target, "w") as f:
         yaml.safe_dump(k, f, sort_keys=False)
     return os.path.dirname(target)
@@ -350,6 +360,105 @@ def check_cert_manager(docs):
             ), f"Issuer {issuer['metadata']['name']}: no CA Certificate writes {ca['secretName']}"
 
 
+def token_file_from_source():
+    """Where the broker reads its projected token (src/webhook/patch/mod.rs's mount path and
+    file name, the sidecar's): node mode mounts it at the same place."""
+    with open(os.path.join(ROOT, "src/webhook/patch/mod.rs")) as f:
+        text = f.read()
+    consts = dict(re.findall(r'pub const (TOKEN_MOUNT_PATH|TOKEN_FILE_NAME): &str = "([^"]+)";', text))
+    assert len(consts) == 2, "TOKEN_MOUNT_PATH/TOKEN_FILE_NAME not found in src/webhook/patch/mod.rs"
+    return consts["TOKEN_MOUNT_PATH"], consts["TOKEN_FILE_NAME"]
+
+
+NODE_ROLE_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
+
+
+def check_env_order(env, args=()):
+    """Every $(VAR) in an env value names an entry declared before it, and every one in args an
+    entry of the container: Kubernetes expands only those and leaves the text otherwise."""
+    names = [e["name"] for e in env]
+    for i, e in enumerate(env):
+        for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", e.get("value", "")):
+            assert var in names[:i], f"env {e['name']} uses $({var}) before it is declared"
+    for arg in args:
+        for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", arg):
+            assert var in names, f"arg {arg!r} uses $({var}), which the env does not declare"
+
+
+def check_node_workload(docs):
+    """Node mode: one broker per node on the host network, reached on the node's IP."""
+    kinds = {d.get("kind") for d in docs}
+    assert not kinds & {"Deployment", "MutatingWebhookConfiguration", "ClusterRole",
+                        "ClusterRoleBinding"}, f"webhook or cluster-wide objects in node mode: {kinds}"
+    ds = one(docs, "DaemonSet")
+    sa = one(docs, "ServiceAccount")
+    name, ns = ds["metadata"]["name"], ds["metadata"]["namespace"]
+    pod = ds["spec"]["template"]
+    spec = pod["spec"]
+    assert selector_matches(ds["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}
+    }, "surge first: the new broker is ready before the old one stops"
+    assert spec["serviceAccountName"] == sa["metadata"]["name"] == name
+    assert sa["metadata"]["namespace"] == ns
+    assert spec.get("priorityClassName") == "system-node-critical"
+
+    (c,) = spec["containers"]
+    # A declared port on the host network is a hostPort: the scheduler would keep the surge
+    # pod off a node whose old pod holds it.
+    assert "ports" not in c, f"declared container ports (hostPorts on the host network): {c['ports']}"
+    assert c["args"][:5] == ["node", "--listen", "$(HOST_IP):8400", "--node-name", "$(NODE_NAME)"], c["args"]
+    env = c["env"]
+    check_env_order(env, c["args"])
+    by_name = {e["name"]: e for e in env}
+    assert by_name["HOST_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+    assert by_name["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert by_name["IDENTITY_HEADER"]["valueFrom"] == {
+        "secretKeyRef": {"name": name, "key": "identity-header"}
+    }, "the Secret Velero's env references (velero-env --name)"
+    for e in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "IMDS_BROKER_ALLOW_SERVICE_ACCOUNTS"):
+        assert by_name[e].get("value"), f"{e} is empty"
+    admin = by_name["IMDS_BROKER_ADMIN_LISTEN"]["value"]
+    assert admin.startswith("$(HOST_IP):") and admin != "$(HOST_IP):8400", admin
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = c[probe]["httpGet"]
+        # No host: kubelet probes a host-network pod on the node's IP, where it listens.
+        assert get == {"path": path, "port": 8400}, f"{probe}: {get}"
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+    assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] != 0
+
+    mount_path, file_name = token_file_from_source()
+    assert by_name["AZURE_FEDERATED_TOKEN_FILE"]["value"] == f"{mount_path}/{file_name}"
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == mount_path]
+    (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    (source,) = vol["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert token["path"] == file_name and token["audience"] == "api://AzureADTokenExchange", token
+
+    allowed = by_name["IMDS_BROKER_ALLOW_NAMESPACES"]["value"].split(",")
+    roles = [d for d in docs if d["kind"] == "Role"]
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(allowed), (
+        "one Role in each allowed namespace"
+    )
+    for role in roles:
+        assert role["metadata"]["name"] == name
+        assert role["rules"] == NODE_ROLE_RULES, f"least privilege: {role['rules']}"
+    for b in bindings:
+        assert b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": ns}]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(allowed)
+
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        assert svc["spec"]["internalTrafficPolicy"] == "Local", "the broker on the caller's node"
+        assert selector_matches(svc["spec"]["selector"], pod["metadata"]["labels"])
+        assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(8400, 8400)]
+        assert svc["metadata"]["name"] == name, "velero-env --name names the Secret and the Service"
+
+
 def check_no_orphans():
     referenced = set()
     for kdir in kustomization_dirs():
@@ -385,7 +494,7 @@ def main():
             record(False, f"{rel}: renders", str(e))
             continue
         how = "rendered" if rendered else "unrendered files"
-        if rendered and "overlays" in rel:
+        if rendered and "IMAGE-NOT-SET" in open(os.path.join(kdir, "kustomization.yaml")).read():
             check(f"{rel}: refuses to render until the image is set", lambda k=kdir: check_placeholder_refused(k, tool))
         record(True, f"{rel}: {len(docs)} objects ({how})")
         for doc in docs:
@@ -394,6 +503,8 @@ def main():
         kinds = {d.get("kind") for d in docs}
         if "Deployment" in kinds:
             check(f"{rel}: workload, Service, PDB and RBAC agree", lambda d=docs, r=rendered: check_workload(d, r))
+        if "DaemonSet" in kinds:
+            check(f"{rel}: node mode's DaemonSet, env, token, RBAC and Service agree", lambda d=docs: check_node_workload(d))
         if "MutatingWebhookConfiguration" in kinds:
             check(f"{rel}: webhook configuration", lambda d=docs: check_webhook_configuration(d, match_labels))
         if "Certificate" in kinds and rendered:

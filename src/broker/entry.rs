@@ -25,6 +25,8 @@ pub struct Entry {
     pub fetch: tokio::sync::Mutex<()>,
     /// Wakes a refresher parked until the entry is used again.
     wake: Notify,
+    /// Told when an exchange for this entry ends, however it ended.
+    attempts: Notify,
 }
 
 struct State {
@@ -82,6 +84,7 @@ impl Entry {
             }),
             fetch: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
+            attempts: Notify::new(),
         }
     }
 
@@ -199,6 +202,17 @@ impl Entry {
         state.parked
     }
 
+    /// Resolves when the next exchange for this entry ends (create it before looking at the
+    /// state it is about, and `enable` it, so an end in between is not missed).
+    pub fn attempted(&self) -> tokio::sync::futures::Notified<'_> {
+        self.attempts.notified()
+    }
+
+    /// Marks the end of an exchange when dropped (after its outcome is recorded).
+    pub fn attempt_done(&self) -> AttemptDone<'_> {
+        AttemptDone(&self.attempts)
+    }
+
     /// Resolves when a lookup wakes a parked refresher.
     pub async fn woken(&self) {
         self.wake.notified().await;
@@ -207,5 +221,14 @@ impl Entry {
     /// Whether the entry was asked for since its token was obtained.
     pub fn used(&self) -> bool {
         lock(&self.state).used
+    }
+}
+
+/// See [`Entry::attempt_done`].
+pub struct AttemptDone<'a>(&'a Notify);
+
+impl Drop for AttemptDone<'_> {
+    fn drop(&mut self) {
+        self.0.notify_waiters();
     }
 }

@@ -44,6 +44,10 @@ use tokio::time::Instant;
 /// Entra calls when no allow-list restricts what a local process may ask for.
 pub const MAX_ENTRIES: usize = 64;
 
+/// How long a caller with a still-usable token waits for the refresh it woke (or one in
+/// flight) before it is handed the old token: a slow Entra must not hold warm callers.
+pub const REFRESH_WAIT: Duration = Duration::from_secs(2);
+
 /// Broker configuration.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -193,10 +197,17 @@ impl Broker {
         deadline: Instant,
     ) -> Result<Arc<Token>, BrokerError> {
         self.metrics.cache(CacheResult::miss);
+        if let Some(usable) = entry.usable(Instant::now()) {
+            return Ok(self.refreshed_or(&entry, usable, deadline).await);
+        }
         let Ok(guard) = tokio::time::timeout_at(deadline, entry.fetch.lock()).await else {
-            // The caller ahead may be waiting out Entra's throttle or the backoff: name that
-            // (with its wait) rather than an exchange that is not running.
-            if let Some((open_at, err)) = self.gate.closed(Instant::now()) {
+            let now = Instant::now();
+            // The caller ahead may be waiting out a refusal, Entra's throttle or the backoff:
+            // name that (with its wait) rather than an exchange that is not running.
+            if let Some((open_at, err)) = entry.refused(now) {
+                return Err(err.with_retry_after(client_wait(open_at, true)));
+            }
+            if let Some((open_at, err)) = self.gate.closed(now) {
                 return Err(err.with_retry_after(client_wait(open_at, false)));
             }
             return Err(unavailable(
@@ -216,6 +227,28 @@ impl Broker {
         result
     }
 
+    /// A caller past the refresh point with a usable token in hand (its lookup woke the
+    /// refresher): the refreshed token if the refresher's next attempt brings one soon, and
+    /// otherwise the old one, at once when Entra cannot be asked (stale-while-error). Such a
+    /// caller never exchanges itself: the refresher does, one exchange for all of them.
+    async fn refreshed_or(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        usable: Arc<Token>,
+        deadline: Instant,
+    ) -> Arc<Token> {
+        // Listening before looking, so an attempt that ends in between is not missed.
+        let attempt = entry.attempted();
+        tokio::pin!(attempt);
+        attempt.as_mut().enable();
+        self.ensure_refresher(entry);
+        let now = Instant::now();
+        if entry.refused(now).is_none() && self.gate.closed(now).is_none() {
+            let _ = tokio::time::timeout_at(deadline.min(now + REFRESH_WAIT), attempt).await;
+        }
+        entry.fresh(Instant::now()).unwrap_or(usable)
+    }
+
     /// Foreground exchange for a caller (who holds `entry.fetch`): waits out the gate while
     /// its deadline allows, within the attempt budget. A still-usable token is the answer
     /// whenever Entra cannot be asked or fails (stale-while-error).
@@ -229,6 +262,9 @@ impl Broker {
                 if let Some(token) = entry.usable(now) {
                     return Ok(token);
                 }
+                // An unusable token file is read again when the gate opens (kubelet may have
+                // rotated it, the operator fixed it); only Entra's refusal is answered from
+                // memory.
                 let permanent = matches!(err, BrokerError::EntraRefused { .. });
                 if permanent || attempts >= self.retry.max_attempts || open_at > deadline {
                     if !permanent && attempts < self.retry.max_attempts {
@@ -246,17 +282,26 @@ impl Broker {
                     last.unwrap_or_else(|| unavailable("attempts exhausted", Duration::ZERO))
                 );
             }
-            let Ok(permit) = tokio::time::timeout_at(deadline, self.gate.permit()).await else {
-                return Err(unavailable(
-                    "too many token exchanges in flight",
-                    Duration::from_secs(1),
-                ));
+            let permit = match tokio::time::timeout_at(deadline, self.gate.permit()).await {
+                Ok(Ok(permit)) => permit,
+                // The gate closed while this caller waited: the top of the loop decides.
+                Ok(Err(_closed)) => continue,
+                Err(_) => {
+                    let why = if self.gate.recovering() {
+                        "Entra is being probed after a failure (one exchange at a time)"
+                    } else {
+                        "too many token exchanges in flight"
+                    };
+                    return Err(unavailable(why, Duration::from_secs(1)));
+                }
             };
             attempts += 1;
             let result = self.exchange_once(entry).await;
             drop(permit);
             match result {
                 Ok(token) => return Ok(token),
+                // Stale-while-error, whatever the failure.
+                Err(_) if entry.usable(Instant::now()).is_some() => continue,
                 Err(err @ BrokerError::EntraUnavailable { .. }) => last = Some(err),
                 Err(err) => return Err(err),
             }
@@ -270,10 +315,12 @@ impl Broker {
         let result = self.exchanger.exchange(client_id, &entry.resource).await;
         let elapsed = started.elapsed();
         let now = Instant::now();
+        // Whatever the outcome, callers waiting on this entry's next attempt look again.
+        let _attempted = entry.attempt_done();
         match result {
             Ok(token) => {
                 let (token, lifetime) = entry.record_token(token, now);
-                self.gate.record_success();
+                self.gate.record_success(now);
                 self.metrics.entra(Outcome::success, elapsed.as_secs_f64());
                 tracing::info!(
                     resource = %entry.resource,
@@ -286,13 +333,25 @@ impl Broker {
                 Ok(token)
             }
             Err(ExchangeError::Assertion(e)) => {
-                // Local problem, no request was sent: not an Entra outcome, nothing to back off.
-                tracing::warn!(resource = %entry.resource, error = %e, "service-account token unusable");
-                Err(if e.is_transient() {
+                // Local problem, no request was sent: not an Entra outcome. No exchange can
+                // succeed without the file, so every resource waits out the same backoff (the
+                // refresher too, which would otherwise retry at once, forever).
+                let err = if e.is_transient() {
                     BrokerError::NotReady(e)
                 } else {
                     BrokerError::BadAssertion(e)
-                })
+                };
+                let (failures, wait) =
+                    self.gate
+                        .record_unusable_assertion(now, err.clone(), &self.retry);
+                tracing::warn!(
+                    resource = %entry.resource,
+                    error = %err,
+                    failures,
+                    next_attempt_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "service-account token unusable; no exchange for any resource before the next attempt"
+                );
+                Err(err)
             }
             Err(ExchangeError::Permanent {
                 error,

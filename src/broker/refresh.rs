@@ -15,11 +15,12 @@ impl Broker {
         }
     }
 
-    /// One refresh, holding the entry's fetch lock: done when the token is fresh again or no
-    /// longer usable.
+    /// One refresh: done when the token is fresh again or no longer usable. The entry's fetch
+    /// lock is held for an exchange, never across a wait for the gate: callers that come
+    /// meanwhile take it and are answered with the old token (stale-while-error).
     async fn refresh_once(&self, entry: &Entry) {
-        let _guard = entry.fetch.lock().await;
         loop {
+            let guard = entry.fetch.lock().await;
             let now = Instant::now();
             if entry.fresh(now).is_some() {
                 return; // A caller refreshed it meanwhile.
@@ -29,17 +30,31 @@ impl Broker {
             };
             let blocked = entry.refused(now).or_else(|| self.gate.closed(now));
             if let Some((open_at, _)) = blocked {
+                drop(guard);
                 sleep_until(open_at.min(plan.usable_until)).await;
                 continue;
             }
-            let _permit = self.gate.permit().await;
-            // Failures are recorded in the entry or the gate; the old token keeps being served.
-            let _ = self.exchange_once(entry).await;
+            // A gate that closed while waiting for the permit is looked at again above.
+            if let Ok(_permit) = self.gate.permit().await {
+                // Failures are recorded in the entry or the gate; the old token is still served.
+                let _ = self.exchange_once(entry).await;
+            }
         }
     }
 }
 
+/// Clears the entry's refresher flag however the task ends, so a later success can start a
+/// new one.
+struct Running(Arc<Entry>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.stop_refresher();
+    }
+}
+
 async fn refresh_loop(broker: Arc<Broker>, entry: Arc<Entry>) {
+    let _running = Running(entry.clone());
     while let Some(plan) = entry.plan(Instant::now()) {
         sleep_until(plan.refresh_at).await;
         if entry.park() {
@@ -57,5 +72,4 @@ async fn refresh_loop(broker: Arc<Broker>, entry: Arc<Entry>) {
         broker.refresh_once(&entry).await;
     }
     // No usable token and nothing scheduled: requests drive the entry from here.
-    entry.stop_refresher();
 }

@@ -35,16 +35,15 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The wait after the `failures`-th consecutive transient failure: capped exponential
-    /// backoff with "equal jitter" (half fixed, half random, so many pods spread out but never
-    /// collapse to zero), raised to Entra's `Retry-After` (clamped) when it asks for more.
-    pub fn wait_after(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+    /// The backoff after the `failures`-th consecutive failure: capped exponential backoff
+    /// with "equal jitter" (half fixed, half random, so many pods spread out but never
+    /// collapse to zero).
+    pub fn backoff(&self, failures: u32) -> Duration {
         let exp = self
             .initial_backoff
             .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
         let half = exp.min(self.max_backoff) / 2;
-        let backoff = half + half.mul_f64(jitter());
-        retry_after.map_or(backoff, |ra| ra.min(self.max_retry_after).max(backoff))
+        half + half.mul_f64(jitter())
     }
 }
 
@@ -64,21 +63,9 @@ mod tests {
     fn backoff_doubles_up_to_the_cap_with_equal_jitter() {
         let p = RetryPolicy::default();
         for (failures, full) in [(1, 500), (2, 1000), (3, 2000), (5, 8000), (40, 8000)] {
-            let w = p.wait_after(failures, None);
+            let w = p.backoff(failures);
             let full = Duration::from_millis(full);
             assert!(w >= full / 2 && w <= full, "{failures}: {w:?}");
         }
-    }
-
-    #[test]
-    fn retry_after_is_a_floor_and_is_clamped() {
-        let p = RetryPolicy::default();
-        assert_eq!(
-            p.wait_after(1, Some(Duration::from_secs(20))),
-            Duration::from_secs(20)
-        );
-        assert_eq!(p.wait_after(1, Some(Duration::MAX)), p.max_retry_after);
-        // A shorter Retry-After than the backoff does not shorten it.
-        assert!(p.wait_after(5, Some(Duration::ZERO)) >= Duration::from_secs(4));
     }
 }

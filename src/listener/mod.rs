@@ -22,11 +22,18 @@ use tokio::sync::{watch, Semaphore};
 mod conns;
 mod framing_errors;
 pub mod open_files;
+mod peers;
 use conns::Conns;
 pub use framing_errors::FramingErrorBody;
 use framing_errors::FramingErrors;
+pub use peers::OutsidePeer;
 
 pub type Body = Full<Bytes>;
+
+/// Upper bound of a connection cap (`--max-connections` of serve and the webhook): 65,536
+/// connections holding full heads are already ~1 GiB, far past any pod's memory limit, and
+/// Tokio's semaphore panics above 2^61 permits.
+pub const MAX_CONNECTIONS: usize = 65_536;
 
 /// Connection slots, and the open connections holding them, shared by every listener given
 /// the same `Slots` (`serve`'s token listeners: one cap for all, so adding a listener does not
@@ -76,6 +83,10 @@ pub struct Limits {
     pub evictable_after: Duration,
     /// Body of the answer to a request hyper cannot parse (else hyper's empty one).
     pub framing_error_body: Option<FramingErrorBody>,
+    /// `Some`: only peers inside this network namespace are served; a connection from
+    /// elsewhere gets this answer to its request, then is closed (see [`peers`]). `None`:
+    /// every peer is served (the admin listeners, the webhook).
+    pub outside_peer: Option<OutsidePeer>,
 }
 
 impl Default for Limits {
@@ -87,6 +98,7 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             evictable_after: Duration::from_millis(500),
             framing_error_body: None,
+            outside_peer: None,
         }
     }
 }
@@ -107,6 +119,7 @@ impl Limits {
             max_header_bytes: 8 * 1024,
             evictable_after: Duration::from_millis(200),
             framing_error_body: None,
+            outside_peer: None,
         }
     }
 }
@@ -138,7 +151,20 @@ impl Shutdown {
 
 /// Binds `addr`, with an error that names the address and the usual causes.
 pub fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    listen(addr).map_err(|e| {
+    bind_socket(addr, what, false)
+}
+
+/// Like [`bind`], with SO_REUSEPORT: another process of the same user that sets it too can
+/// listen on the same address, and the kernel spreads new connections over both. `node` uses
+/// it so that during a rolling update the old and the new broker pod of a node serve side by
+/// side (host network, one port) and no connection is refused in between. Linux lets only
+/// sockets of the same effective user share the port.
+pub fn bind_reusing_port(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    bind_socket(addr, what, true)
+}
+
+fn bind_socket(addr: SocketAddr, what: &str, reuse_port: bool) -> anyhow::Result<TcpListener> {
+    listen(addr, reuse_port).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::PermissionDenied => {
                 " (ports below 1024 need CAP_NET_BIND_SERVICE or the pod sysctl \
@@ -147,6 +173,9 @@ pub fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
             std::io::ErrorKind::AddrNotAvailable => {
                 " (the address is not on any interface; for 169.254.169.254 run \
                  `imds-broker init-network` first)"
+            }
+            std::io::ErrorKind::AddrInUse if reuse_port => {
+                " (another process listens there without SO_REUSEPORT, or as another user)"
             }
             std::io::ErrorKind::AddrInUse => " (another process listens there)",
             _ => "",
@@ -169,14 +198,18 @@ pub fn bound_addr(listener: &TcpListener) -> String {
 /// SYNs, which clients retransmit only after 1 s. The kernel caps it at `net.core.somaxconn`.
 const LISTEN_BACKLOG: u32 = 1024;
 
-/// What `TcpListener::bind` does (SO_REUSEADDR, bind, listen), with [`LISTEN_BACKLOG`].
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// What `TcpListener::bind` does (SO_REUSEADDR, bind, listen), with [`LISTEN_BACKLOG`], and
+/// SO_REUSEPORT if asked.
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
@@ -233,6 +266,7 @@ pub async fn serve_with<W, WF, IO, H, F>(
     let evictable_after = limits.evictable_after;
     let framing_error_body = limits.framing_error_body.clone();
     let local = listener.local_addr().ok();
+    let outside_peer = limits.outside_peer.clone();
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -276,9 +310,18 @@ pub async fn serve_with<W, WF, IO, H, F>(
             }
         };
         let _ = stream.set_nodelay(true);
+        // Decided once per connection: its requests are all answered the same way.
+        let refuse = outside_peer
+            .as_ref()
+            .filter(|_| !peers::from_inside(&stream, peer, local.map(|a| a.ip())))
+            .cloned();
         let handler = handler.clone();
         let wrap = wrap.clone();
-        let http = http.clone();
+        let mut http = http.clone();
+        if refuse.is_some() {
+            // One answer, then the connection closes.
+            http.keep_alive(false);
+        }
         let framing_error_body = framing_error_body.clone();
         let watcher = graceful.watcher();
         let conn_state = conns.add();
@@ -304,9 +347,15 @@ pub async fn serve_with<W, WF, IO, H, F>(
                 service_fn(move |req| {
                     state.deadline.answering();
                     let state = state.clone();
-                    let fut = handler(req, peer);
+                    let answer = match &refuse {
+                        None => Ok(handler(req, peer)),
+                        Some(refuse) => Err((refuse.0)(peer)),
+                    };
                     async move {
-                        let resp = fut.await;
+                        let resp = match answer {
+                            Ok(fut) => fut.await,
+                            Err(refused) => refused,
+                        };
                         state.deadline.answered();
                         Ok::<_, Infallible>(resp)
                     }

@@ -1,11 +1,11 @@
 //! The App Service managed-identity endpoint (api-version 2019-08-01), selected by every SDK
 //! from `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` alone — no link-local address, no iptables.
 
-use super::service::{require_get, with_retry_after};
-use super::{ApiError, Lookup, Query, SelectorParam};
+use super::checks::{require_get, Lookup};
+use super::error::{excerpt, ECHO_CHARS};
+use super::{ApiError, Query, SelectorParam};
 use crate::broker::Selector;
-use crate::listener::{json_response, Body};
-use hyper::body::Incoming;
+use crate::listener::Body;
 use hyper::header::HeaderName;
 use hyper::{Request, Response, StatusCode};
 use subtle::ConstantTimeEq;
@@ -40,7 +40,7 @@ impl IdentityHeader {
 }
 
 /// The App Service checks: method, the shared secret, api-version 2019-08-01.
-pub fn check(secret: &IdentityHeader, req: &Request<Incoming>) -> Result<Lookup, ApiError> {
+pub fn check<B>(secret: &IdentityHeader, req: &Request<B>) -> Result<Lookup, ApiError> {
     require_get(req)?;
     let mut presented = req.headers().get_all(&X_IDENTITY_HEADER).iter();
     let (first, second) = (presented.next(), presented.next());
@@ -76,7 +76,8 @@ pub fn check(secret: &IdentityHeader, req: &Request<Incoming>) -> Result<Lookup,
         }
         Some(v) => {
             return Err(ApiError::bad_request(format!(
-                "Unsupported api-version '{v}': this endpoint implements {API_VERSION}"
+                "Unsupported api-version '{}': this endpoint implements {API_VERSION}",
+                excerpt(v, ECHO_CHARS)
             )))
         }
     }
@@ -96,7 +97,7 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
         "error": e.code,
         "error_description": e.description,
     });
-    with_retry_after(json_response(e.status, body.to_string()), e.retry_after)
+    e.response(body.to_string())
 }
 
 #[cfg(test)]
@@ -110,5 +111,21 @@ mod tests {
         assert!(!h.matches(b"s3cre"));
         assert!(!h.matches(b"s3cret!"));
         assert!(IdentityHeader::new("  ").is_none());
+    }
+
+    /// Found by fuzz/fuzz_targets/token_request.rs: the description echoed the whole value.
+    #[test]
+    fn an_unsupported_version_is_echoed_only_in_part() {
+        let h = IdentityHeader::new("s3cret").unwrap();
+        let req = Request::get(format!(
+            "/msi/token?resource=r&api-version={}",
+            "7".repeat(8000)
+        ))
+        .header("x-identity-header", "s3cret")
+        .body(())
+        .unwrap();
+        let e = check(&h, &req).err().unwrap();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.description.len() < 200, "{} bytes", e.description.len());
     }
 }

@@ -2,8 +2,14 @@
 //! `Retry-After`; each adapter renders it in its own format.
 
 use crate::broker::BrokerError;
-use hyper::StatusCode;
+pub use crate::excerpt::excerpt;
+use crate::listener::{json_response, Body};
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::{Response, StatusCode};
 use std::time::Duration;
+
+/// How much of a caller's string an error description repeats ([`excerpt`]).
+pub const ECHO_CHARS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -40,6 +46,20 @@ impl ApiError {
                 "imds-broker is shutting down before the token arrived; retry",
             )
         }
+    }
+
+    /// The error answer: this error's status, `body` (the adapter's format of it) and, when
+    /// it has one, `Retry-After` in whole seconds, at least 1.
+    pub fn response(&self, body: String) -> Response<Body> {
+        let mut resp = json_response(self.status, body);
+        if let Some(wait) = self.retry_after {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut num = itoa::Buffer::new();
+            if let Ok(v) = HeaderValue::from_str(num.format(secs.max(1))) {
+                resp.headers_mut().insert(RETRY_AFTER, v);
+            }
+        }
+        resp
     }
 
     /// No token within the request timeout.
@@ -83,5 +103,36 @@ impl From<BrokerError> for ApiError {
             retry_after,
             newest_versions: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry_after_of(wait: Option<Duration>) -> Option<String> {
+        let e = ApiError {
+            retry_after: wait,
+            ..ApiError::bad_request("x")
+        };
+        let resp = e.response("{}".into());
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        resp.headers()
+            .get(RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
+        assert_eq!(retry_after_of(None), None);
+        assert_eq!(retry_after_of(Some(Duration::ZERO)).as_deref(), Some("1"));
+        assert_eq!(
+            retry_after_of(Some(Duration::from_millis(1500))).as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            retry_after_of(Some(Duration::from_secs(7))).as_deref(),
+            Some("7")
+        );
     }
 }

@@ -1,11 +1,11 @@
 //! The IMDS managed-identity token endpoint, as Go and Rust SDKs call it at 169.254.169.254:
 //! `GET /metadata/identity/oauth2/token?api-version=…&resource=…` with `Metadata: true`.
 
-use super::service::{require_get, with_retry_after};
-use super::{ApiError, Lookup, Query, SelectorParam};
+use super::checks::{require_get, Lookup};
+use super::error::{excerpt, ECHO_CHARS};
+use super::{ApiError, Query, SelectorParam};
 use crate::broker::Selector;
-use crate::listener::{json_response, Body};
-use hyper::body::Incoming;
+use crate::listener::Body;
 use hyper::header::HeaderName;
 use hyper::{Request, Response};
 
@@ -70,7 +70,7 @@ const SELECTORS: &[SelectorParam] = &[
 ];
 
 /// The IMDS checks: method, no proxy, `Metadata: true`, a supported api-version.
-pub fn check(req: &Request<Incoming>) -> Result<Lookup, ApiError> {
+pub fn check<B>(req: &Request<B>) -> Result<Lookup, ApiError> {
     require_get(req)?;
     // IMDS refuses proxied requests: a request that went through a proxy did not come from
     // inside the pod.
@@ -114,7 +114,8 @@ fn check_api_version(v: Option<&str>) -> Result<(), ApiError> {
         // made ~36 string compares for 2018-02-01, the version every SDK sends (hot path).
         Some(v) if API_VERSIONS.binary_search_by(|probe| v.cmp(probe)).is_ok() => return Ok(()),
         Some(v) => ApiError::bad_request(format!(
-            "Invalid version '{v}': see newest-versions for the supported ones"
+            "Invalid version '{}': see newest-versions for the supported ones",
+            excerpt(v, ECHO_CHARS)
         )),
     };
     err.newest_versions = Some(&API_VERSIONS[..3]);
@@ -130,7 +131,7 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
     if let Some(versions) = e.newest_versions {
         body["newest-versions"] = serde_json::json!(versions);
     }
-    with_retry_after(json_response(e.status, body.to_string()), e.retry_after)
+    e.response(body.to_string())
 }
 
 #[cfg(test)]
@@ -154,5 +155,13 @@ mod tests {
         assert!(e.description.contains("api-version"));
         assert!(e.newest_versions.is_some());
         assert!(check_api_version(Some("2099-01-01")).is_err());
+    }
+
+    /// Found by fuzz/fuzz_targets/token_request.rs: the description echoed the whole value.
+    #[test]
+    fn an_unknown_version_is_echoed_only_in_part() {
+        let e = check_api_version(Some(&"9".repeat(8000))).unwrap_err();
+        assert!(e.description.len() < 200, "{} bytes", e.description.len());
+        assert!(e.description.contains(&format!("'{}…'", "9".repeat(64))));
     }
 }

@@ -1,6 +1,6 @@
 //! Query parameters of a token request: decoded once, duplicates refused, bounded in number.
 
-use super::error::ApiError;
+use super::error::{excerpt, ApiError, ECHO_CHARS};
 use crate::broker::Selector;
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -50,7 +50,7 @@ impl Query {
             if pairs.iter().any(|(seen, _)| seen.eq_ignore_ascii_case(&k)) {
                 return Err(ApiError::bad_request(format!(
                     "Duplicate query parameter '{}': each parameter may appear once",
-                    k.chars().take(64).collect::<String>()
+                    excerpt(&k, ECHO_CHARS)
                 )));
             }
             pairs.push((k.into(), v.into()));

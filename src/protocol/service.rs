@@ -2,11 +2,11 @@
 //! a cached token at once, and waits for the broker only on a cache miss.
 
 use super::body::token_body;
-use super::error::ApiError;
-use super::query::{Query, SelectorParam};
+use super::checks::{require_get, Lookup};
+use super::error::{excerpt, ApiError};
 use super::refusals::RefusalLog;
 use super::{app_service, imds, APP_SERVICE_TOKEN_PATH, IMDS_TOKEN_PATH};
-use crate::broker::{Broker, Selector, Token};
+use crate::broker::{Broker, Token};
 use crate::listener::{json_response, Body, FramingErrorBody, Shutdown};
 use crate::metrics::{Endpoint, Metrics};
 use bytes::Bytes;
@@ -30,20 +30,6 @@ pub struct TokenService {
     /// Fires shortly before the shutdown grace period ends: callers still waiting for Entra
     /// are answered 503 then, rather than dropped unanswered when the process exits.
     pub grace_over: Shutdown,
-}
-
-/// A token request that passed its protocol's checks: what remains is the broker lookup.
-pub struct Lookup {
-    pub query: Query,
-    /// The query parameters that select an identity in this protocol.
-    pub selectors: &'static [SelectorParam],
-}
-
-impl Lookup {
-    /// The resource and the identity selector asked for.
-    fn target(&self) -> Result<(&str, Selector), ApiError> {
-        Ok((self.query.resource()?, self.query.selector(self.selectors)?))
-    }
 }
 
 /// The answer to one request: ready at once (a cached token, or a refused request), or a
@@ -109,6 +95,21 @@ impl TokenService {
         }
     }
 
+    /// Answers `req` with the error `e` in its endpoint's format, logged (rate-limited) and
+    /// counted like the protocol's own refusals: for checks made in front of the protocol
+    /// adapters (`node`'s caller attestation).
+    pub fn refuse_request(&self, req: Request<Incoming>, e: &ApiError) -> Answer {
+        let endpoint = endpoint_of(req.uri().path());
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
+        drop(req);
+        Answer::Ready(ready(self.finish(
+            endpoint,
+            self.refuse(endpoint, e),
+            logged,
+        )))
+    }
+
     /// The error answer, logged (rate-limited) with its reason.
     fn refuse(&self, endpoint: Endpoint, e: &ApiError) -> Response<Body> {
         self.refusals.refused(endpoint, e);
@@ -126,11 +127,10 @@ impl TokenService {
 
     /// Routes by path and runs the protocol's own checks.
     fn check(&self, req: &Request<Incoming>) -> (Endpoint, Result<Lookup, ApiError>) {
-        let path = token_path(req.uri().path());
-        if path == IMDS_TOKEN_PATH {
-            (Endpoint::imds, imds::check(req))
-        } else if path == APP_SERVICE_TOKEN_PATH {
-            let checked = match &self.identity_header {
+        let endpoint = endpoint_of(req.uri().path());
+        let checked = match endpoint {
+            Endpoint::imds => imds::check(req),
+            Endpoint::app_service => match &self.identity_header {
                 Some(secret) => app_service::check(secret, req),
                 None => Err(ApiError::new(
                     StatusCode::NOT_FOUND,
@@ -138,11 +138,10 @@ impl TokenService {
                     "the App Service endpoint is disabled: start imds-broker with \
                      --identity-header / IDENTITY_HEADER",
                 )),
-            };
-            (Endpoint::app_service, checked)
-        } else {
-            (Endpoint::other, Err(not_served(req)))
-        }
+            },
+            Endpoint::other => Err(not_served(req)),
+        };
+        (endpoint, checked)
     }
 
     /// The hot path, shared by both protocols once their own checks passed: a cached token's
@@ -164,6 +163,15 @@ impl TokenService {
     /// Each caller gets its own spelling of the resource back.
     fn body(&self, token: &Arc<Token>, resource: &str) -> Bytes {
         token_body(token, resource, &self.broker.identity().client_id)
+    }
+}
+
+/// The endpoint a request path is for (`other` for every path but the two token paths).
+pub fn endpoint_of(path: &str) -> Endpoint {
+    match token_path(path) {
+        IMDS_TOKEN_PATH => Endpoint::imds,
+        APP_SERVICE_TOKEN_PATH => Endpoint::app_service,
+        _ => Endpoint::other,
     }
 }
 
@@ -214,7 +222,8 @@ fn not_served(req: &Request<Incoming>) -> ApiError {
     if let Err(e) = require_get(req) {
         return e;
     }
-    let path: String = req.uri().path().chars().take(200).collect();
+    // A path's worth of context: more than a parameter's (ECHO_CHARS), still bounded.
+    let path = excerpt(req.uri().path(), 200);
     let description = if path.starts_with("/metadata/") {
         format!(
             "{path} is not served by imds-broker: only the managed-identity token endpoint \
@@ -227,31 +236,6 @@ fn not_served(req: &Request<Incoming>) -> ApiError {
         )
     };
     ApiError::new(StatusCode::NOT_FOUND, "not_found", description)
-}
-
-/// The shared "method must be GET" check.
-pub fn require_get(req: &Request<Incoming>) -> Result<(), ApiError> {
-    if req.method() == Method::GET {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{} is not supported: use GET", req.method()),
-        ))
-    }
-}
-
-/// Adds `Retry-After` (whole seconds, at least 1) to an error response.
-pub fn with_retry_after(mut resp: Response<Body>, wait: Option<Duration>) -> Response<Body> {
-    if let Some(wait) = wait {
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let mut num = itoa::Buffer::new();
-        if let Ok(v) = hyper::header::HeaderValue::from_str(num.format(secs.max(1))) {
-            resp.headers_mut().insert(hyper::header::RETRY_AFTER, v);
-        }
-    }
-    resp
 }
 
 /// A JSON body for a successful token answer.

@@ -1,7 +1,8 @@
 //! The flags of `imds-broker serve`, and the checks that refuse a value the broker would
 //! otherwise change silently or that would hand tokens to the wrong audience.
 
-use crate::values::parse_duration;
+use crate::listener::MAX_CONNECTIONS;
+use crate::values::{duration_in, hours, millis, mins, number_in, secs, show_duration};
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,9 +11,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, Args)]
 /// Flags of `imds-broker serve`.
 pub struct ServeArgs {
-    /// Token listener(s). Loopback only by default: a pod-IP listener would hand this pod's
-    /// tokens to any other pod. Repeat (or comma-separate) to listen on several addresses,
-    /// e.g. `169.254.169.254:80` in transparent mode.
+    /// Token listener(s). Loopback only by default. Every token listener serves only callers
+    /// inside this pod's network namespace; others get 403. Repeat (or comma-separate) to
+    /// listen on several addresses, e.g. `169.254.169.254:80` in transparent mode.
     #[arg(
         long = "listen",
         env = "IMDS_BROKER_LISTEN",
@@ -98,63 +99,64 @@ pub struct ServeArgs {
     #[arg(long, env = "IMDS_BROKER_EMULATE")]
     pub emulate: bool,
 
-    /// Lifetime of the emulator's tokens, 1s-24h. Under 5 minutes SDKs treat every token as
-    /// expiring and ask again on each call.
-    #[arg(long, env = "IMDS_BROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = parse_duration)]
+    /// Lifetime of the emulator's tokens (1s–24h: Entra's own live 1-24 h; seconds let tests
+    /// watch refreshes). Under 5 minutes SDKs treat every token as expiring and ask again on
+    /// each call.
+    #[arg(long, env = "IMDS_BROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = duration_in(secs(1), hours(24)))]
     pub emulator_token_lifetime: Duration,
 
-    /// Entra attempts per exchange for transient failures (5xx, 429, timeouts, resets), 1-10.
-    #[arg(long, env = "IMDS_BROKER_RETRY_MAX_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=10))]
+    /// Entra attempts per exchange for transient failures (5xx, 429, timeouts, resets), 1–10.
+    #[arg(long, env = "IMDS_BROKER_RETRY_MAX_ATTEMPTS", default_value_t = 4, value_parser = number_in(1u32, 10))]
     pub retry_max_attempts: u32,
 
-    /// First retry delay; doubles per attempt, with jitter.
-    #[arg(long, env = "IMDS_BROKER_RETRY_INITIAL_BACKOFF", default_value = "500ms", value_parser = parse_duration)]
+    /// First retry delay; doubles per attempt, with jitter (50ms–1m: at 0s an outage made the
+    /// refresher call Entra back to back).
+    #[arg(long, env = "IMDS_BROKER_RETRY_INITIAL_BACKOFF", default_value = "500ms", value_parser = duration_in(millis(50), mins(1)))]
     pub retry_initial_backoff: Duration,
 
-    /// Cap of the retry delay between Entra calls while Entra keeps failing.
-    #[arg(long, env = "IMDS_BROKER_RETRY_MAX_BACKOFF", default_value = "8s", value_parser = parse_duration)]
+    /// Cap of the retry delay between Entra calls while Entra keeps failing (50ms–10m, and at
+    /// least --retry-initial-backoff).
+    #[arg(long, env = "IMDS_BROKER_RETRY_MAX_BACKOFF", default_value = "8s", value_parser = duration_in(millis(50), mins(10)))]
     pub retry_max_backoff: Duration,
 
     /// After a permanent Entra failure (e.g. AADSTS70021), how long the error is answered from
-    /// memory before Entra is asked again.
-    #[arg(long, env = "IMDS_BROKER_ERROR_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    /// memory before Entra is asked again (1s–1h).
+    #[arg(long, env = "IMDS_BROKER_ERROR_BACKOFF", default_value = "30s", value_parser = duration_in(secs(1), hours(1)))]
     pub error_backoff: Duration,
 
-    /// Longest wait honoured from Entra's Retry-After; a longer one is cut to this.
-    #[arg(long, env = "IMDS_BROKER_MAX_RETRY_AFTER", default_value = "5m", value_parser = parse_duration)]
+    /// Longest wait honoured from Entra's Retry-After; a longer one is cut to this (1s–1h).
+    #[arg(long, env = "IMDS_BROKER_MAX_RETRY_AFTER", default_value = "5m", value_parser = duration_in(secs(1), hours(1)))]
     pub max_retry_after: Duration,
 
-    /// Token exchanges in flight at once, over all resources (Entra throttles per app).
-    #[arg(long, env = "IMDS_BROKER_ENTRA_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// Token exchanges in flight at once, over all resources (Entra throttles per app), 1–64.
+    #[arg(long, env = "IMDS_BROKER_ENTRA_CONCURRENCY", default_value_t = 4, value_parser = number_in(1u16, 64))]
     pub entra_concurrency: u16,
 
-    /// Timeout of one Entra request (connect + response).
-    #[arg(long, env = "IMDS_BROKER_ENTRA_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// Timeout of one Entra request (connect + response), 1s–5m.
+    #[arg(long, env = "IMDS_BROKER_ENTRA_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), mins(5)))]
     pub entra_timeout: Duration,
 
     /// Maximum concurrent connections over all token listeners (one cap shared by every
     /// --listen address); at the cap the connection idle longest (500 ms or more) is closed to
     /// make room. 1024 lets a burst of 1,000 first requests in at once; with every one holding
     /// a full 8 KiB head, and the admin listener full too, the broker stays inside the 32 Mi
-    /// limit the webhook injects (bench/RESULTS.md, bench/broker_load.py).
-    #[arg(long, env = "IMDS_BROKER_MAX_CONNECTIONS", default_value_t = 1024)]
+    /// limit the webhook injects (bench/RESULTS.md, bench/broker_load.py). 1–65536: more
+    /// would be gigabytes of heads, and past 2^61 the slot semaphore panics.
+    #[arg(long, env = "IMDS_BROKER_MAX_CONNECTIONS", default_value_t = 1024, value_parser = number_in(1usize, MAX_CONNECTIONS))]
     pub max_connections: usize,
 
     /// Time allowed to receive a request's headers, and to answer it: a caller waiting on
     /// Entra (an exchange, a backoff, a throttle) is held at most this long, then answered 503
-    /// with a Retry-After of at most 20 s.
-    #[arg(long, env = "IMDS_BROKER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    /// with a Retry-After of at most 20 s (1s–5m).
+    #[arg(long, env = "IMDS_BROKER_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration_in(secs(1), mins(5)))]
     pub request_timeout: Duration,
 
-    /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
-    #[arg(long, env = "IMDS_BROKER_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    /// On SIGTERM/SIGINT, how long in-flight requests get to finish (1s–10m: waiting callers
+    /// are answered 250 ms before its end).
+    #[arg(long, env = "IMDS_BROKER_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration_in(secs(1), mins(10)))]
     pub shutdown_grace: Duration,
 }
 
-/// Bounds of `--emulator-token-lifetime`: Entra's own tokens live 1-24 h; seconds are allowed
-/// so tests can watch refreshes.
-const EMULATOR_LIFETIME: (Duration, Duration) =
-    (Duration::from_secs(1), Duration::from_secs(24 * 3600));
 /// SDKs (azidentity, azure-identity, @azure/identity) refresh a token with less left than this.
 const SDK_REFRESH_WINDOW: Duration = Duration::from_secs(300);
 
@@ -171,11 +173,17 @@ impl ServeArgs {
         if let Some(tenant) = self.tenant_id.as_deref().filter(|t| !t.trim().is_empty()) {
             check_tenant(tenant.trim())?;
         }
-        let (min, max) = EMULATOR_LIFETIME;
+        if !self.emulate {
+            crate::authority::authority_url(&self.authority_host)
+                .map_err(|e| anyhow::anyhow!("--authority-host / AZURE_AUTHORITY_HOST {e}"))?;
+        }
+        // Otherwise the cap would silently win over the first delay.
         anyhow::ensure!(
-            (min..=max).contains(&self.emulator_token_lifetime),
-            "--emulator-token-lifetime {:?} is outside 1s-24h",
-            self.emulator_token_lifetime
+            self.retry_max_backoff >= self.retry_initial_backoff,
+            "--retry-max-backoff {} is below --retry-initial-backoff {}: the cap must be at \
+             least the first delay",
+            show_duration(self.retry_max_backoff),
+            show_duration(self.retry_initial_backoff)
         );
         Ok(())
     }
@@ -186,12 +194,20 @@ impl ServeArgs {
         for addr in &self.listen {
             if !addr.ip().is_loopback() && !is_link_local(addr) {
                 out.push(format!(
-                    "--listen {addr} is not a loopback address: anything that can reach it \
-                     (other pods, the node) gets this pod's tokens; use 127.0.0.1 unless a \
-                     NetworkPolicy or the pod's own network namespace keeps it private"
+                    "--listen {addr} is not a loopback address: other pods and the node can \
+                     connect to it; they are answered 403 (only callers inside this pod get \
+                     tokens) but take connection slots; use 127.0.0.1 unless a NetworkPolicy \
+                     keeps it private"
                 ));
             }
         }
+        out.extend(self.broker_warnings());
+        out
+    }
+
+    /// The warnings about the broker's own settings (not its listeners), which `node` shares.
+    pub fn broker_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
         if self.emulate && self.emulator_token_lifetime < SDK_REFRESH_WINDOW {
             out.push(format!(
                 "--emulator-token-lifetime {:?} is under 5 minutes: Azure SDKs consider such a \
@@ -211,25 +227,11 @@ fn is_link_local(addr: &SocketAddr) -> bool {
     }
 }
 
-/// A tenant is a directory ID (GUID) or a verified domain (`contoso.onmicrosoft.com`); it
-/// becomes a path segment of the authority URL, so anything else is refused here.
+/// The tenant becomes a path segment of the authority URL; the check is the one the webhook
+/// applies to what it injects.
 fn check_tenant(tenant: &str) -> anyhow::Result<()> {
-    let label_ok = |l: &str| {
-        (1..=63).contains(&l.len())
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    let domain = tenant.len() <= 253 && tenant.contains('.') && tenant.split('.').all(label_ok);
-    if crate::broker::policy::is_guid(tenant) || domain {
-        return Ok(());
-    }
-    let shown: String = tenant.chars().take(80).collect();
-    anyhow::bail!(
-        "--tenant-id / AZURE_TENANT_ID {shown:?} is neither a directory (tenant) ID such as \
-         72f988bf-86f1-41af-91ab-2d7cd011db47 nor a domain such as contoso.onmicrosoft.com: \
-         copy the Directory (tenant) ID from the app's or identity's overview page"
-    )
+    crate::authority::check_tenant(tenant)
+        .map_err(|e| anyhow::anyhow!("--tenant-id / AZURE_TENANT_ID {e}"))
 }
 
 #[cfg(test)]
@@ -257,16 +259,52 @@ mod tests {
         let empty_header = parse(&["--identity-header", " "]).unwrap();
         let err = empty_header.validate().unwrap_err().to_string();
         assert!(err.contains("empty"), "{err}");
-        let zero = parse(&["--emulator-token-lifetime", "0s"]).unwrap();
-        assert!(zero.validate().is_err());
-        let long = parse(&["--emulator-token-lifetime", "25h"]).unwrap();
-        assert!(long.validate().is_err());
+        let zero = parse(&["--emulator-token-lifetime", "0s"]).unwrap_err();
+        assert!(zero.to_string().contains("allowed range 1s–24h"), "{zero}");
+        assert!(parse(&["--emulator-token-lifetime", "25h"]).is_err());
         let short = parse(&["--emulator-token-lifetime", "2s"]).unwrap();
         assert!(short.validate().is_ok());
         assert!(short
             .warnings()
             .iter()
             .any(|w| w.contains("under 5 minutes")));
+    }
+
+    #[test]
+    fn numbers_and_durations_outside_their_range_are_refused_with_the_range() {
+        for (flag, value, range) in [
+            ("--max-connections", "3000000000000000000", "1–65536"),
+            ("--max-connections", "0", "1–65536"),
+            ("--retry-initial-backoff", "0s", "50ms–1m"),
+            ("--retry-max-backoff", "0s", "50ms–10m"),
+            ("--error-backoff", "0s", "1s–1h"),
+            ("--max-retry-after", "0s", "1s–1h"),
+            ("--entra-timeout", "0s", "1s–5m"),
+            ("--request-timeout", "0s", "1s–5m"),
+            ("--request-timeout", "500000000000y", "1s–5m"),
+            ("--shutdown-grace", "0s", "1s–10m"),
+            ("--entra-concurrency", "65", "1–64"),
+        ] {
+            let err = parse(&[flag, value]).unwrap_err().to_string();
+            crate::values::assert_out_of_range(&err, flag, value, range);
+        }
+        assert_eq!(
+            parse(&["--max-connections", "65536"])
+                .unwrap()
+                .max_connections,
+            65_536
+        );
+        let inverted = parse(&[
+            "--retry-initial-backoff",
+            "10s",
+            "--retry-max-backoff",
+            "5s",
+        ]);
+        let err = inverted.unwrap().validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--retry-max-backoff 5s is below --retry-initial-backoff 10s"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -18,21 +18,12 @@ pub const DEFAULT_MATCH_LABELS: &[&str] = &[
     "velero.io/repo-name",
 ];
 
+use crate::authority;
 use crate::broker::policy::{check_resource, same_resource};
-use crate::values::{non_empty, parse_duration, parse_quantity, quantity_value};
-
-fn parse_expiration(s: &str) -> Result<i64, String> {
-    let v: i64 = s.parse().map_err(|e| format!("{e}"))?;
-    if (patch::MIN_TOKEN_EXPIRATION..=patch::MAX_TOKEN_EXPIRATION).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!(
-            "must be between {} and {} seconds",
-            patch::MIN_TOKEN_EXPIRATION,
-            patch::MAX_TOKEN_EXPIRATION
-        ))
-    }
-}
+use crate::listener::MAX_CONNECTIONS;
+use crate::values::{
+    duration_in, hours, millis, mins, non_empty, number_in, parse_quantity, quantity_value, secs,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct WebhookArgs {
@@ -68,8 +59,8 @@ pub struct WebhookArgs {
     )]
     pub tls_key_file: PathBuf,
 
-    /// How often the certificate files are checked for changes.
-    #[arg(long, env = "IMDS_BROKER_WEBHOOK_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    /// How often the certificate files are checked for changes (100ms–1h).
+    #[arg(long, env = "IMDS_BROKER_WEBHOOK_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = duration_in(millis(100), hours(1)))]
     pub tls_reload_interval: Duration,
 
     /// Inject pods that carry any of these label keys (repeatable; env comma-separated).
@@ -83,8 +74,9 @@ pub struct WebhookArgs {
     pub match_labels: Vec<String>,
 
     /// Image of the injected sidecar (the deploy manifests pass the webhook's own image).
+    /// Required by `webhook`; `inject` shows a marked placeholder without it.
     #[arg(long, env = "IMDS_BROKER_WEBHOOK_SIDECAR_IMAGE")]
-    pub sidecar_image: String,
+    pub sidecar_image: Option<String>,
 
     /// imagePullPolicy of the injected sidecar.
     #[arg(long, env = "IMDS_BROKER_WEBHOOK_SIDECAR_IMAGE_PULL_POLICY", default_value = "IfNotPresent",
@@ -92,15 +84,16 @@ pub struct WebhookArgs {
     pub sidecar_image_pull_policy: String,
 
     /// Loopback port of the sidecar's token listener; IDENTITY_ENDPOINT is
-    /// http://127.0.0.1:PORT/msi/token.
-    #[arg(long, env = "IMDS_BROKER_WEBHOOK_SIDECAR_PORT", default_value_t = 8400)]
+    /// http://127.0.0.1:PORT/msi/token (1–65535).
+    #[arg(long, env = "IMDS_BROKER_WEBHOOK_SIDECAR_PORT", default_value_t = 8400, value_parser = number_in(1u16, u16::MAX))]
     pub sidecar_port: u16,
 
-    /// Port of the sidecar's admin listener (startup/liveness probes, metrics).
+    /// Port of the sidecar's admin listener (startup/liveness probes, metrics), 1–65535.
     #[arg(
         long,
         env = "IMDS_BROKER_WEBHOOK_SIDECAR_ADMIN_PORT",
-        default_value_t = 8401
+        default_value_t = 8401,
+        value_parser = number_in(1u16, u16::MAX)
     )]
     pub sidecar_admin_port: u16,
 
@@ -153,7 +146,8 @@ pub struct WebhookArgs {
 
     /// Lifetime of the projected token in seconds (3600-86400); a pod's
     /// azure.workload.identity/service-account-token-expiration annotation overrides it.
-    #[arg(long, env = "IMDS_BROKER_WEBHOOK_TOKEN_EXPIRATION", default_value = "3600", value_parser = parse_expiration)]
+    #[arg(long, env = "IMDS_BROKER_WEBHOOK_TOKEN_EXPIRATION", default_value = "3600",
+        value_parser = number_in(patch::MIN_TOKEN_EXPIRATION, patch::MAX_TOKEN_EXPIRATION))]
     pub token_expiration: i64,
 
     /// Client ID used when the pod's ServiceAccount has no azure.workload.identity/client-id
@@ -181,36 +175,46 @@ pub struct WebhookArgs {
     #[arg(long, env = "IMDS_BROKER_WEBHOOK_KUBE_CA_FILE")]
     pub kube_ca_file: Option<PathBuf>,
 
-    /// Timeout of one ServiceAccount lookup (the API server gives the webhook 5 s in all).
-    #[arg(long, env = "IMDS_BROKER_WEBHOOK_KUBE_API_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    /// Timeout of one ServiceAccount lookup (the API server gives the webhook 5 s in all, and
+    /// never more than 30 s), 100ms–30s.
+    #[arg(long, env = "IMDS_BROKER_WEBHOOK_KUBE_API_TIMEOUT", default_value = "2s", value_parser = duration_in(millis(100), secs(30)))]
     pub kube_api_timeout: Duration,
 
-    /// How long a ServiceAccount's annotations are cached.
-    #[arg(long, env = "IMDS_BROKER_WEBHOOK_SERVICE_ACCOUNT_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
+    /// How long a ServiceAccount's annotations are cached (1s–1h: at 0s every admission
+    /// would wait for the API server).
+    #[arg(long, env = "IMDS_BROKER_WEBHOOK_SERVICE_ACCOUNT_CACHE_TTL", default_value = "30s", value_parser = duration_in(secs(1), hours(1)))]
     pub service_account_cache_ttl: Duration,
 
     /// Maximum concurrent HTTPS connections; at the cap the connection idle longest is
     /// closed to make room. An idle connection costs ~10 KiB, so 2048 of them (~20 MiB) and
-    /// the large-review budget fit the 128 Mi limit.
+    /// the large-review budget fit the 128 Mi limit. 1–65536.
     #[arg(
         long,
         env = "IMDS_BROKER_WEBHOOK_MAX_CONNECTIONS",
-        default_value_t = 2048
+        default_value_t = 2048,
+        value_parser = number_in(1usize, MAX_CONNECTIONS)
     )]
     pub max_connections: usize,
 
-    /// Time allowed for the request head and the request body (the TLS handshake gets at
-    /// most 3 s).
-    #[arg(long, env = "IMDS_BROKER_WEBHOOK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// Time allowed for a request head, from the connection's opening or its last answer
+    /// (the TLS handshake gets at most 3 s), 1s–5m.
+    #[arg(long, env = "IMDS_BROKER_WEBHOOK_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration_in(secs(1), mins(5)))]
     pub request_timeout: Duration,
 
+    /// Time allowed for a request body, from its head. The API server sends the body at once
+    /// and waits for the answer only its timeoutSeconds (5 s in the chart): a body still
+    /// arriving after this is cut (408) so it holds neither memory nor a connection.
+    /// 100ms–30s (the API server's own limit).
+    #[arg(long, env = "IMDS_BROKER_WEBHOOK_BODY_TIMEOUT", default_value = "2s", value_parser = duration_in(millis(100), secs(30)))]
+    pub body_timeout: Duration,
+
     /// After SIGTERM, keep serving (while /readyz fails) this long so the Service stops
-    /// routing here before the listener closes.
-    #[arg(long, env = "IMDS_BROKER_WEBHOOK_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    /// routing here before the listener closes (0s–5m; 0s closes at once).
+    #[arg(long, env = "IMDS_BROKER_WEBHOOK_SHUTDOWN_DELAY", default_value = "5s", value_parser = duration_in(Duration::ZERO, mins(5)))]
     pub shutdown_delay: Duration,
 
-    /// Then how long in-flight requests get to finish.
-    #[arg(long, env = "IMDS_BROKER_WEBHOOK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    /// Then how long in-flight requests get to finish (1s–10m).
+    #[arg(long, env = "IMDS_BROKER_WEBHOOK_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration_in(secs(1), mins(10)))]
     pub shutdown_grace: Duration,
 }
 
@@ -227,14 +231,34 @@ impl WebhookArgs {
             !labels.is_empty(),
             "--match-label: at least one label key is needed"
         );
-        anyhow::ensure!(
-            !self.sidecar_image.trim().is_empty(),
-            "--sidecar-image is empty"
-        );
+        let image = self
+            .sidecar_image
+            .as_deref()
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--sidecar-image / IMDS_BROKER_WEBHOOK_SIDECAR_IMAGE is required: the image \
+                     of the sidecar to inject (the chart and the kustomize overlays pass the \
+                     webhook's own image)"
+                )
+            })?;
         anyhow::ensure!(
             self.sidecar_port != self.sidecar_admin_port,
             "--sidecar-port and --sidecar-admin-port must differ"
         );
+        // What the sidecar would refuse to start with is refused here, by the same checks.
+        let fallback = PartialIdentity::new(self.client_id.as_deref(), self.tenant_id.as_deref());
+        if let Some(tenant) = &fallback.tenant_id {
+            authority::check_tenant(tenant)
+                .map_err(|e| anyhow::anyhow!("--tenant-id / IMDS_BROKER_WEBHOOK_TENANT_ID {e}"))?;
+        }
+        let authority_host = self.authority_host.clone().filter(|h| !h.is_empty());
+        if let Some(host) = &authority_host {
+            authority::authority_url(host).map_err(|e| {
+                anyhow::anyhow!("--authority-host / IMDS_BROKER_WEBHOOK_AUTHORITY_HOST {e}")
+            })?;
+        }
         let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
         let allow_resources: Vec<String> = non_empty(&self.sidecar_allow_resources);
         let prefetch = non_empty(&self.sidecar_prefetch);
@@ -251,12 +275,12 @@ impl WebhookArgs {
             );
         }
         let sidecar = patch::SidecarConfig {
-            image: self.sidecar_image.trim().to_string(),
+            image: image.to_owned(),
             image_pull_policy: self.sidecar_image_pull_policy.clone(),
             port: self.sidecar_port,
             admin_port: self.sidecar_admin_port,
             audience: self.token_audience.clone(),
-            authority_host: self.authority_host.clone().filter(|h| !h.is_empty()),
+            authority_host,
             allow_resources,
             prefetch,
             cpu_request: opt(&self.sidecar_cpu_request),
@@ -268,7 +292,7 @@ impl WebhookArgs {
         check_request_within_limit("memory", &sidecar.memory_request, &sidecar.memory_limit)?;
         Ok(review::WebhookConfig {
             match_labels: labels,
-            fallback: PartialIdentity::new(self.client_id.as_deref(), self.tenant_id.as_deref()),
+            fallback,
             sidecar,
             token_expiration_seconds: self.token_expiration,
         })
@@ -376,6 +400,18 @@ mod tests {
     }
 
     #[test]
+    fn the_webhook_needs_a_sidecar_image() {
+        for argv in [&["x"][..], &["x", "--sidecar-image", " "]] {
+            let args = Cli::try_parse_from(argv).unwrap().args;
+            let err = args.webhook_config().unwrap_err().to_string();
+            assert!(
+                err.contains("--sidecar-image") && err.contains("required"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_flags_are_refused() {
         assert!(parse(&["--token-expiration", "60"]).is_err());
         assert!(parse(&["--sidecar-memory-limit", "lots"]).is_err());
@@ -391,5 +427,114 @@ mod tests {
         assert!(no_limit.unwrap().webhook_config().is_ok());
         let same_port = parse(&["--sidecar-port", "8401"]).unwrap();
         assert!(same_port.webhook_config().is_err());
+    }
+
+    #[test]
+    fn numbers_and_durations_outside_their_range_are_refused_with_the_range() {
+        for (flag, value, range) in [
+            ("--max-connections", "3000000000000000000", "1–65536"),
+            ("--max-connections", "0", "1–65536"),
+            ("--request-timeout", "0s", "1s–5m"),
+            ("--body-timeout", "31s", "100ms–30s"),
+            ("--kube-api-timeout", "0s", "100ms–30s"),
+            ("--service-account-cache-ttl", "0s", "1s–1h"),
+            ("--tls-reload-interval", "0s", "100ms–1h"),
+            ("--shutdown-delay", "6m", "0s–5m"),
+            ("--shutdown-grace", "0s", "1s–10m"),
+            ("--sidecar-port", "0", "1–65535"),
+            ("--sidecar-admin-port", "0", "1–65535"),
+            ("--token-expiration", "60", "3600–86400"),
+        ] {
+            let err = parse(&[flag, value]).unwrap_err().to_string();
+            crate::values::assert_out_of_range(&err, flag, value, range);
+        }
+        assert!(parse(&["--shutdown-delay", "0s"]).is_ok());
+    }
+
+    /// Whatever identity settings the webhook accepts, the sidecar it injects starts with: its
+    /// env, given to `serve`'s own flag parser and checks (an env name `serve` does not read
+    /// fails too).
+    #[test]
+    fn whatever_the_webhook_accepts_the_injected_sidecar_starts_with() {
+        use clap::CommandFactory;
+        #[derive(Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: crate::serve::ServeArgs,
+        }
+        let serve = Serve::command();
+        let tenants = [
+            "organizations",
+            "common",
+            "contoso.onmicrosoft.com",
+            "x/../y",
+        ];
+        let hosts = ["http://login.example", "https://login.microsoftonline.us/"];
+        let mut accepted = 0;
+        for (tenant, host) in tenants
+            .iter()
+            .flat_map(|t| hosts.iter().map(move |h| (t, h)))
+        {
+            let flags = [
+                "--client-id",
+                "c",
+                "--tenant-id",
+                tenant,
+                "--authority-host",
+                host,
+            ];
+            let Ok(cfg) = parse(&flags).unwrap().webhook_config() else {
+                continue;
+            };
+            accepted += 1;
+            let identity = cfg.fallback.complete().unwrap();
+            let injection = patch::Injection {
+                identity: &identity,
+                identity_header: "h",
+                token_expiration_seconds: 3600,
+            };
+            let sidecar = patch::sidecar_container(&cfg.sidecar, &injection);
+            let mut argv = sidecar.args.clone().unwrap();
+            for var in sidecar.env.unwrap() {
+                let flag = serve
+                    .get_arguments()
+                    .find(|a| a.get_env().is_some_and(|e| e == var.name.as_str()))
+                    .and_then(|a| a.get_long())
+                    .unwrap_or_else(|| panic!("serve reads no {}", var.name));
+                argv.push(format!("--{flag}={}", var.value.unwrap()));
+            }
+            let args = Serve::try_parse_from(&argv).unwrap().args;
+            let started = args.validate();
+            assert!(started.is_ok(), "{tenant} {host}: {started:?}");
+        }
+        assert_eq!(
+            accepted, 1,
+            "only the domain tenant with the https authority"
+        );
+    }
+
+    /// The sidecar (`serve`) refuses these at start-up: injected, they would crash-loop it in
+    /// every pod, so the webhook (and `inject`) refuses to start with them.
+    #[test]
+    fn identity_settings_the_sidecar_refuses_are_refused() {
+        let tenant = parse(&["--tenant-id", "organizations"]).unwrap();
+        let err = tenant.webhook_config().unwrap_err().to_string();
+        assert!(
+            err.contains("--tenant-id") && err.contains("\"organizations\""),
+            "{err}"
+        );
+        let http = parse(&["--authority-host", "http://login.microsoftonline.us"]).unwrap();
+        let err = http.webhook_config().unwrap_err().to_string();
+        assert!(
+            err.contains("--authority-host") && err.contains("https://"),
+            "{err}"
+        );
+        let ok = parse(&[
+            "--tenant-id",
+            "contoso.onmicrosoft.com",
+            "--authority-host",
+            "https://login.microsoftonline.us/",
+        ]);
+        assert!(ok.unwrap().webhook_config().is_ok());
     }
 }

@@ -1,38 +1,22 @@
 //! The HTTPS request handler: `POST /mutate` with an AdmissionReview body.
 
+use super::body::{BodyError, Intake, MAX_BODY_BYTES};
 use super::metrics::{Outcome, WebhookMetrics};
 use super::review::{ReviewError, Reviewer};
 use crate::listener::{json_response, Body};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION};
 use hyper::{Method, Request, Response, StatusCode};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
-
-/// Largest AdmissionReview accepted (a pod object is at most ~1.5 MiB in etcd; the review
-/// wraps it once for CREATE).
-pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
-
-/// Bytes of review bodies being read or reviewed at once, in KiB. A review's peak memory is a
-/// few times its size (body, typed pod, patch), so two maximal reviews at a time fit the
-/// webhook's 128 Mi limit with room; further large ones wait their turn (bench/RESULTS.md).
-/// Ordinary reviews (tens of KiB) never wait on each other.
-const BODY_BUDGET_KIB: u32 = 8 * 1024;
+use std::time::Instant;
 
 /// Everything the handler needs, cloned into each request.
 #[derive(Clone)]
 pub struct MutateHandler {
     pub reviewer: Arc<Reviewer>,
     pub metrics: Arc<WebhookMetrics>,
-    /// Time allowed to receive the body (and to wait for room in the body budget).
-    pub body_timeout: Duration,
-    pub body_budget: Arc<Semaphore>,
-}
-
-/// The shared budget for [`MutateHandler::body_budget`].
-pub fn body_budget() -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(BODY_BUDGET_KIB as usize))
+    /// The review budget and the body deadline.
+    pub intake: Arc<Intake>,
 }
 
 impl MutateHandler {
@@ -52,36 +36,25 @@ impl MutateHandler {
             );
         }
         let started = Instant::now();
-        // Reserve the body's size (its Content-Length, else the maximum) before reading it.
+        let _busy = self.intake.enter();
         let declared = req
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-            .unwrap_or(MAX_BODY_BYTES)
-            .min(MAX_BODY_BYTES);
-        let kib = u32::try_from(declared.div_ceil(1024).max(1)).unwrap_or(BODY_BUDGET_KIB);
-        let budget = self.body_budget.clone().acquire_many_owned(kib);
-        let _reserved = match tokio::time::timeout(self.body_timeout, budget).await {
-            Ok(Ok(permit)) => permit,
-            _ => {
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let read = if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            Err(BodyError::TooLarge)
+        } else {
+            self.intake.read(req.into_body()).await
+        };
+        let received = match read {
+            Ok(received) => received,
+            Err(e) => {
                 self.metrics
                     .admission(Outcome::Error, started.elapsed().as_secs_f64());
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "busy",
-                    "too many large AdmissionReviews at once; the API server retries",
-                );
+                return body_error(&e);
             }
         };
-        let body = match self.read_body(req).await {
-            Ok(body) => body,
-            Err(resp) => {
-                self.metrics
-                    .admission(Outcome::Error, started.elapsed().as_secs_f64());
-                return resp;
-            }
-        };
-        match self.reviewer.review(&body).await {
+        match self.reviewer.review(&received.body).await {
             Ok(answer) => {
                 self.metrics
                     .admission(answer.outcome, started.elapsed().as_secs_f64());
@@ -99,28 +72,23 @@ impl MutateHandler {
             }
         }
     }
+}
 
-    async fn read_body(&self, req: Request<Incoming>) -> Result<bytes::Bytes, Response<Body>> {
-        let collect = Limited::new(req.into_body(), MAX_BODY_BYTES).collect();
-        match tokio::time::timeout(self.body_timeout, collect).await {
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                &format!("the AdmissionReview exceeds {MAX_BODY_BYTES} bytes"),
-            )),
-            Ok(Err(e)) => Err(error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!("cannot read the request body: {e}"),
-            )),
-            Err(_) => Err(error(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                "the request body did not arrive in time",
-            )),
+/// The answer to a body that was not read. The rest of the body is never read, so the
+/// connection is closed after the answer.
+fn body_error(e: &BodyError) -> Response<Body> {
+    let (status, code) = match e {
+        BodyError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        BodyError::Deadline(_) | BodyError::Stalled(_) => {
+            (StatusCode::REQUEST_TIMEOUT, "request_timeout")
         }
-    }
+        BodyError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+        BodyError::Read(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+    };
+    let mut resp = error(status, code, &e.to_string());
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 fn error(status: StatusCode, code: &str, description: &str) -> Response<Body> {

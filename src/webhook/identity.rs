@@ -5,6 +5,7 @@
 //! The API base URL, the bearer-token file and the CA are injectable so tests can point the
 //! lookup at a fake API server.
 
+use crate::capped_read::{self, ReadError};
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use std::collections::HashMap;
@@ -23,6 +24,11 @@ pub const IN_CLUSTER_CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceacco
 
 /// Largest number of ServiceAccounts kept in the cache.
 const MAX_ENTRIES: usize = 1024;
+
+/// Largest API-server answer read for one ServiceAccount. The API server caps an object's
+/// annotations at 256 KiB in all, and a ServiceAccount carries little else; a larger answer
+/// (a proxy's page, a hostile peer) is refused, not buffered.
+pub const MAX_ANSWER_BYTES: usize = 512 * 1024;
 
 /// An identity that may be incomplete: one source can give the client ID and another the
 /// tenant ID.
@@ -75,6 +81,8 @@ pub enum LookupError {
         status: u16,
         body: String,
     },
+    #[error("{0}; a ServiceAccount is far smaller (is --kube-api-url the API server?)")]
+    TooLarge(ReadError),
     #[error("GET {url} returned an unreadable ServiceAccount: {source}")]
     Decode {
         url: String,
@@ -215,10 +223,15 @@ impl ServiceAccountLookup {
             source,
         })?;
         let status = resp.status().as_u16();
-        let body = resp.bytes().await.map_err(|source| LookupError::Request {
-            url: url.clone(),
-            source,
-        })?;
+        let body = capped_read::body(resp, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| match e {
+                ReadError::Read { source, .. } => LookupError::Request {
+                    url: url.clone(),
+                    source,
+                },
+                too_large => LookupError::TooLarge(too_large),
+            })?;
         match status {
             200 => {
                 let sa: ServiceAccount = serde_json::from_slice(&body)
@@ -289,7 +302,7 @@ fn read_token(path: &Path) -> Result<String, LookupError> {
 }
 
 /// A DNS-1123 subdomain (namespace and ServiceAccount names), so it is safe in a URL path.
-fn is_dns_name(s: &str) -> bool {
+pub(crate) fn is_dns_name(s: &str) -> bool {
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     let bytes = s.as_bytes();
     match (bytes.first(), bytes.last()) {

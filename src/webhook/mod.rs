@@ -7,10 +7,12 @@
 //! - [`review`]: AdmissionReview in/out and the skip/mutate/warn decision.
 //! - [`identity`]: ServiceAccount annotation lookup with a TTL cache.
 //! - [`tls`]: serving certificate with hot reload.
-//! - [`http`]: the `POST /mutate` handler; [`metrics`]: its Prometheus registry.
+//! - [`http`]: the `POST /mutate` handler; [`body`]: reading its bodies within the memory
+//!   budget; [`metrics`]: its Prometheus registry.
 //! - `args`: the flags ([`WebhookArgs`]) and their checks.
 
 mod args;
+pub mod body;
 pub mod http;
 pub mod identity;
 pub mod metrics;
@@ -84,11 +86,20 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         args.shutdown_grace,
     ));
 
+    let limits = Limits {
+        max_connections: args.max_connections,
+        header_read_timeout: args.request_timeout,
+        ..Limits::default()
+    };
     let handler = http::MutateHandler {
         reviewer,
         metrics: metrics.clone(),
-        body_timeout: args.request_timeout,
-        body_budget: http::body_budget(),
+        intake: Arc::new(body::Intake::new(body::IntakeLimits {
+            max_connections: args.max_connections,
+            deadline: args.body_timeout,
+            // A stalled body is as evictable as a connection idle between requests.
+            stalled_after: limits.evictable_after,
+        })),
     };
     // The API server's TLS handshake takes milliseconds; a connection that has not finished
     // one in a few seconds is idle or hostile.
@@ -109,11 +120,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
             let handler = handler.clone();
             async move { handler.handle(req).await }
         },
-        Limits {
-            max_connections: args.max_connections,
-            header_read_timeout: args.request_timeout,
-            ..Limits::default()
-        },
+        limits,
         shutdown.clone(),
         args.shutdown_grace,
     ));

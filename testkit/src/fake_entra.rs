@@ -93,7 +93,7 @@ pub enum Fault {
 /// One request that reached the token endpoint (any method, any tenant).
 #[derive(Clone, Debug)]
 pub struct CallRecord {
-    /// When the request headers arrived.
+    /// When the whole request had arrived (the log is in this order).
     pub at: Instant,
     pub scope: Option<String>,
     /// The fault applied to this call, if any (a [`RateLimit`] refusal shows as
@@ -717,8 +717,10 @@ async fn handle(req: Request<Incoming>, shared: &Shared, reset: &Notify) -> Resp
         if throttled {
             stats.throttled += 1;
         }
+        // Stamped under the lock, so the log's order is the order of its times (concurrent
+        // requests finish reading their bodies in any order).
         stats.calls.push(CallRecord {
-            at: arrived,
+            at: Instant::now(),
             scope,
             fault: fault.clone(),
             jti,
@@ -1424,8 +1426,9 @@ fn iso_time(unix: i64) -> String {
     }
 }
 
-/// `2024-05-01{sep}12:34:56{fraction}Z`: the two formats Entra writes times in.
-fn utc(t: time::OffsetDateTime, sep: char, fraction: &str) -> String {
+/// `2024-05-01{sep}12:34:56{fraction}Z`: the two formats Entra writes times in (and, with
+/// `'T'` and no fraction, Kubernetes' timestamps).
+pub(crate) fn utc(t: time::OffsetDateTime, sep: char, fraction: &str) -> String {
     format!(
         "{:04}-{:02}-{:02}{sep}{:02}:{:02}:{:02}{fraction}Z",
         t.year(),

@@ -2,7 +2,8 @@
 //! `GET /api/v1/namespaces/{ns}/serviceaccounts/{name}`. It serves the ServiceAccounts it was
 //! given (others are a 404 `Status`, as the real server answers), over TLS or plain HTTP,
 //! optionally only to a given bearer token (else 401), and records every request. A test can
-//! switch it to answer every request with one status and body, or to never answer.
+//! switch it to answer every request with one status and body, to send its answers chunked
+//! (no `Content-Length`, as a streaming server does), or to never answer.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +33,7 @@ struct Behaviour {
     bearer: Option<String>,
     /// Every request answered with this status and body instead.
     answer: Option<(u16, String)>,
+    chunked: bool,
     hang: bool,
     requests: Vec<ApiRequest>,
 }
@@ -90,6 +92,7 @@ impl KubeApiBuilder {
             accounts: self.accounts,
             bearer: self.bearer,
             answer: None,
+            chunked: false,
             hang: false,
             requests: Vec::new(),
         }));
@@ -161,6 +164,12 @@ impl KubeApi {
         self.behaviour.lock().unwrap().answer = Some((status, body.to_owned()));
     }
 
+    /// From now on answers are sent with `Transfer-Encoding: chunked` and no `Content-Length`:
+    /// the client learns their size only by reading them.
+    pub fn chunked(&self) {
+        self.behaviour.lock().unwrap().chunked = true;
+    }
+
     /// From now on requests are recorded and never answered.
     pub fn hang(&self) {
         self.behaviour.lock().unwrap().hang = true;
@@ -174,7 +183,7 @@ async fn answer(state: Arc<Mutex<Behaviour>>, req: Request<Incoming>) -> Respons
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let (status, body, hang) = {
+    let (status, body, hang, chunked) = {
         let mut s = state.lock().unwrap();
         let reply = if let Some(answer) = &s.answer {
             answer.clone()
@@ -189,20 +198,24 @@ async fn answer(state: Arc<Mutex<Behaviour>>, req: Request<Incoming>) -> Respons
             path,
             authorization,
         });
-        (reply.0, reply.1, s.hang)
+        (reply.0, reply.1, s.hang, s.chunked)
     };
     if hang {
         std::future::pending::<()>().await;
     }
-    Response::builder()
+    let mut resp = Response::builder()
         .status(status)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if chunked {
+        // hyper then frames the body in chunks instead of declaring its length.
+        resp = resp.header(hyper::header::TRANSFER_ENCODING, "chunked");
+    }
+    resp.body(Full::new(Bytes::from(body)))
         .expect("a valid response")
 }
 
 /// A Kubernetes `Status` object, the body of the API server's errors.
-fn status_object(code: u16, reason: &str) -> String {
+pub(crate) fn status_object(code: u16, reason: &str) -> String {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code})
         .to_string()
 }

@@ -112,6 +112,34 @@ def delete_pod(api, ns, name):
             raise
 
 
+def get_if_exists(api, path):
+    """The object at path, or None when the API server answers 404."""
+    try:
+        return api.get(path)
+    except ApiError as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def ensure_namespace(api, ns):
+    try:
+        api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                        "metadata": {"name": ns}})
+    except ApiError as e:
+        if e.status != 409:  # already there (another Velero version's tests made it)
+            raise
+
+
+def make_target_pvc(api, ns, name):
+    """The PVC a restore writes into (the restore exposer creates its pod for it)."""
+    ensure_namespace(api, ns)
+    api.post(f"/api/v1/namespaces/{ns}/persistentvolumeclaims", {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"],
+                 "resources": {"requests": {"storage": "1Gi"}}}})
+
+
 def wait_pod(api, ns, selector, timeout=60):
     """The first pod matching a label selector (made by a controller), waiting for it."""
     def find():

@@ -310,3 +310,18 @@ def cluster():
 @pytest.fixture(scope="session")
 def api(cluster):
     return cluster.api
+
+
+@pytest.fixture(scope="module")
+def helm(cluster):
+    """The real `helm` (HELM_BIN: the packaging stage's pinned build) against this API server;
+    returns its stdout, fails the test with its output on a non-zero exit."""
+    binary = env_path("HELM_BIN")
+
+    def run(*args):
+        res = subprocess.run([binary, "--kubeconfig", cluster.cp.kubeconfig, *args],
+                             capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0, f"helm {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
+        return res.stdout
+
+    return run

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from checks import assert_injected, assert_untouched, env_of, wait_pod
+from checks import assert_injected, assert_untouched, env_of, make_target_pvc, wait_pod
 from conftest import VELERO_NS, VELERO_SA, velero_bins
 from harness import Proc, free_port, jwt_claims, pods_path, wait_for
 
@@ -52,18 +52,6 @@ def test_server_and_node_agent_pods_are_not_injected(velero, api):
     agent = wait_pod(api, VELERO_NS, "name=node-agent")
     for pod in (server, agent):
         assert_untouched(pod)
-
-
-def make_target_pvc(api, ns, name):
-    try:
-        api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                        "metadata": {"name": ns}})
-    except Exception:  # noqa: BLE001 - already there from the other version
-        pass
-    api.post(f"/api/v1/namespaces/{ns}/persistentvolumeclaims", {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
-        "spec": {"accessModes": ["ReadWriteOnce"],
-                 "resources": {"requests": {"storage": "1Gi"}}}})
 
 
 @pytest.fixture(scope="module")

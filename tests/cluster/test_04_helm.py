@@ -22,9 +22,10 @@ import subprocess
 
 import pytest
 
-from checks import assert_injected, assert_untouched, create_pod, env_of, fixture_pod
+from checks import (assert_injected, assert_untouched, create_pod, env_of, fixture_pod,
+                    get_if_exists)
 from conftest import env_path
-from harness import ApiError, free_port, pods_path, wait_for
+from harness import free_port, pods_path, wait_for
 
 RELEASE = "ibhelm"
 NS = "imds-broker-helm"
@@ -38,19 +39,6 @@ VALUES = ["--set", "image.repository=registry.example/imds-broker",
           "--set", "certificates.mode=self-signed",
           "--set", "networkPolicy.enabled=true",
           "--set", f"webhook.namespaces={{{APP_NS}}}"]
-
-
-@pytest.fixture(scope="module")
-def helm(cluster):
-    binary = env_path("HELM_BIN")
-
-    def run(*args):
-        res = subprocess.run([binary, "--kubeconfig", cluster.cp.kubeconfig, *args],
-                             capture_output=True, text=True, timeout=180)
-        assert res.returncode == 0, f"helm {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
-        return res.stdout
-
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -93,26 +81,17 @@ def installed(cluster, helm, local_ip):
                         "uninstall", RELEASE, "-n", NS], capture_output=True)
 
 
-def get(api, path):
-    try:
-        return api.get(path)
-    except ApiError as e:
-        if e.status == 404:
-            return None
-        raise
-
-
 def stored_objects(api):
     return {
-        "ServiceAccount": get(api, f"/api/v1/namespaces/{NS}/serviceaccounts/{WEBHOOK}"),
-        "ClusterRole": get(api, f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{WEBHOOK}"),
-        "ClusterRoleBinding": get(api, f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{WEBHOOK}"),
-        "Deployment": get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/{WEBHOOK}"),
-        "PodDisruptionBudget": get(api, f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{WEBHOOK}"),
-        "Service": get(api, f"/api/v1/namespaces/{NS}/services/{WEBHOOK}"),
-        "Secret": get(api, f"/api/v1/namespaces/{NS}/secrets/{FULL}-webhook-tls"),
-        "NetworkPolicy": get(api, f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/{WEBHOOK}"),
-        "MutatingWebhookConfiguration": get(
+        "ServiceAccount": get_if_exists(api, f"/api/v1/namespaces/{NS}/serviceaccounts/{WEBHOOK}"),
+        "ClusterRole": get_if_exists(api, f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{WEBHOOK}"),
+        "ClusterRoleBinding": get_if_exists(api, f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{WEBHOOK}"),
+        "Deployment": get_if_exists(api, f"/apis/apps/v1/namespaces/{NS}/deployments/{WEBHOOK}"),
+        "PodDisruptionBudget": get_if_exists(api, f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{WEBHOOK}"),
+        "Service": get_if_exists(api, f"/api/v1/namespaces/{NS}/services/{WEBHOOK}"),
+        "Secret": get_if_exists(api, f"/api/v1/namespaces/{NS}/secrets/{FULL}-webhook-tls"),
+        "NetworkPolicy": get_if_exists(api, f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/{WEBHOOK}"),
+        "MutatingWebhookConfiguration": get_if_exists(
             api, f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{FULL}"),
     }
 

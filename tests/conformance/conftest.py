@@ -7,6 +7,7 @@ clean environment (no proxy, no AZURE_* but what a test sets, HOME in a temp dir
 credential in the SDK chains can reach the internet.
 """
 
+import itertools
 import json
 import os
 import re
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 BROKER_BIN = Path(os.environ.get("IMDS_BROKER_BIN", TARGET / "debug" / "imds-broker"))
 FAKE_ENTRA_BIN = TARGET / "debug" / "examples" / "fake_entra"
+FAKE_KUBE_PODS_BIN = TARGET / "debug" / "examples" / "fake_kube_pods"
 RUST_CLIENT_BIN = TARGET / "debug" / "examples" / "rust_mi_client"
 PY_CLIENT = Path(__file__).parent / "clients" / "py_client.py"
 RETRY_PROBE = Path(__file__).parent / "clients" / "retry_probe.py"
@@ -257,16 +259,17 @@ def stop_process(proc):
 
 
 class Broker:
-    """`imds-broker serve` on ephemeral ports (read back from its "listening" log line).
-    With `netns`, it runs inside that network namespace and is queried from there."""
+    """`imds-broker serve` (or `subcommand`, e.g. `node`) on ephemeral ports (read back from its
+    "listening" log line). With `netns`, it runs inside that network namespace and is queried
+    from there."""
 
-    def __init__(self, args, prefix=(), env_extra=None, netns=None):
+    def __init__(self, args, prefix=(), env_extra=None, netns=None, subcommand="serve"):
         env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": "info", "IMDS_BROKER_LOG_FORMAT": "json"}
         env.update(env_extra or {})
         self.netns = netns
         if netns:
             prefix = [IP_BIN, "netns", "exec", netns] + list(prefix)
-        self.process = Process(list(prefix) + [str(BROKER_BIN), "serve"] + list(args), env=env)
+        self.process = Process(list(prefix) + [str(BROKER_BIN), subcommand] + list(args), env=env)
 
         def listening():
             if self.process.proc.poll() is not None:
@@ -561,3 +564,66 @@ def pytest_terminal_summary(terminalreporter):
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
     terminalreporter.write_line(f"(also written to {out / 'results.md'})")
+
+
+# --- network namespaces (test_transparent.py, test_storage_velero.py) ------------------------
+
+_names = itertools.count()
+
+
+def netns_unavailable():
+    """Why this run cannot make network namespaces, or None."""
+    if os.geteuid() != 0:
+        return "not root"
+    probe = f"ibconf-probe-{os.getpid()}"
+    p = subprocess.run([IP_BIN, "netns", "add", probe], capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"`ip netns add` failed: {p.stderr.strip()}"
+    subprocess.run([IP_BIN, "netns", "del", probe], capture_output=True)
+    return None
+
+
+class Netns:
+    """A network namespace made by this run; deleted (with whatever we started in it) at exit."""
+
+    def __init__(self):
+        self.name = f"ibconf-{os.getpid()}-{next(_names)}"
+        subprocess.run([IP_BIN, "netns", "add", self.name], check=True)
+        self.procs = []
+
+    @property
+    def prefix(self):
+        return [IP_BIN, "netns", "exec", self.name]
+
+    def run(self, argv, **kw):
+        return subprocess.run(self.prefix + list(argv), capture_output=True, text=True, timeout=60, **kw)
+
+    def ip(self, *args):
+        p = subprocess.run([IP_BIN, "-n", self.name, *args], capture_output=True, text=True, check=True)
+        return p.stdout
+
+    def lo_addresses(self):
+        return self.ip("-o", "-4", "addr", "show", "dev", "lo")
+
+    def veth(self, addr, peer_addr, peer=None):
+        """A veth pair from this namespace to `peer` (a Netns; None: the namespace this runs
+        in, i.e. the host's, standing for the node), addresses in CIDR form on each end, both
+        ends and this namespace's loopback up, and this namespace's default route via
+        `peer_addr`. Deleting the namespace deletes the pair."""
+        tag = f"{os.getpid() % 100000}{next(_names)}"
+        here, there = f"ibv{tag}p", f"ibv{tag}n"  # at most 15 characters
+        subprocess.run([IP_BIN, "link", "add", here, "netns", self.name, "type", "veth", "peer", "name", there,
+                        *(["netns", peer.name] if peer else [])], check=True)
+        there_ip = [IP_BIN, *(["-n", peer.name] if peer else [])]
+        subprocess.run([*there_ip, "addr", "add", peer_addr, "dev", there], check=True)
+        subprocess.run([*there_ip, "link", "set", "dev", there, "up"], check=True)
+        self.ip("addr", "add", addr, "dev", here)
+        for dev in (here, "lo"):
+            self.ip("link", "set", "dev", dev, "up")
+        self.ip("route", "add", "default", "via", peer_addr.split("/")[0])
+        return here, there
+
+    def close(self):
+        for proc in self.procs:
+            stop_process(proc)
+        subprocess.run([IP_BIN, "netns", "del", self.name], capture_output=True)

@@ -29,6 +29,7 @@ STORAGE_NODE = HERE / "storage-node"
 AZURITE_BLOB = STORAGE_NODE / "node_modules" / ".bin" / "azurite-blob"
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 BROKER_BIN = Path(os.environ.get("IMDS_BROKER_BIN", TARGET / "debug" / "imds-broker"))
+FAKE_KUBE_PODS_BIN = TARGET / "debug" / "examples" / "fake_kube_pods"
 
 # Azurite's built-in account (its well-known development account; path-style URLs).
 ACCOUNT = "devstoreaccount1"
@@ -104,9 +105,9 @@ class Child:
 
 # --- test PKI -----------------------------------------------------------------------------------
 
-def make_test_pki(directory):
-    """A throw-away CA and a server certificate for 127.0.0.1 and localhost (EC P-256, 1 day).
-    Returns {"ca": path, "cert": path, "key": path} (PEM files)."""
+def make_test_pki(directory, extra_ips=()):
+    """A throw-away CA and a server certificate for 127.0.0.1, localhost and `extra_ips` (EC
+    P-256, 1 day). Returns {"ca": path, "cert": path, "key": path} (PEM files)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -143,7 +144,9 @@ def make_test_pki(directory):
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *extra_ips)] + [x509.DNSName("localhost")]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -164,9 +167,10 @@ def make_test_pki(directory):
 # --- Azurite ------------------------------------------------------------------------------------
 
 class Azurite:
-    """Azurite's blob service, HTTPS + `--oauth basic`, on 127.0.0.1:<ephemeral>."""
+    """Azurite's blob service, HTTPS + `--oauth basic`, on <host>:<ephemeral> (the PKI's
+    certificate must name `host`)."""
 
-    def __init__(self, pki, workdir):
+    def __init__(self, pki, workdir, host="127.0.0.1"):
         if not AZURITE_BLOB.exists():
             raise AssertionError(f"{AZURITE_BLOB} is missing: run scripts/test-storage.sh (it runs npm ci)")
         self.pki = pki
@@ -176,7 +180,7 @@ class Azurite:
         self.child = Child(
             [
                 AZURITE_BLOB,
-                "--blobHost", "127.0.0.1",
+                "--blobHost", host,
                 "--blobPort", "0",
                 "--oauth", "basic",
                 "--cert", pki["cert"],
@@ -190,9 +194,10 @@ class Azurite:
             env=env,
             cwd=str(workdir),
         )
-        m = self.child.wait_line(r"listens on https://127\.0\.0\.1:(\d+)", 60, "Azurite's 'listens on' line")
+        m = self.child.wait_line(rf"listens on https://{re.escape(host)}:(\d+)", 60, "Azurite's 'listens on' line")
+        self.host = host
         self.port = int(m.group(1))
-        self.endpoint = f"https://127.0.0.1:{self.port}"
+        self.endpoint = f"https://{host}:{self.port}"
         # Path-style account URL, as a BSL's storageAccountURI for Azurite.
         self.account_url = f"{self.endpoint}/{ACCOUNT}"
 
@@ -202,7 +207,7 @@ class Azurite:
         import ssl
 
         ctx = ssl.create_default_context(cafile=self.pki["ca"])
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=20)
+        conn = http.client.HTTPSConnection(self.host, self.port, context=ctx, timeout=20)
         hdrs = {"x-ms-version": "2021-08-06", "x-ms-date": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())}
         if token is not None:
             hdrs["Authorization"] = f"Bearer {token}"
@@ -222,17 +227,19 @@ class Azurite:
 # --- the emulated broker ------------------------------------------------------------------------
 
 class EmulatedBroker:
-    """`imds-broker serve --emulate` on 127.0.0.1:<ephemeral> with the App Service endpoint on."""
+    """`imds-broker serve --emulate` on 127.0.0.1:<ephemeral> with the App Service endpoint on.
+    `command="node"`, `listen` (the node's address) and `env` (KUBECONFIG) run a node broker."""
 
-    def __init__(self, extra_args=(), identity_header=STORAGE_IDENTITY_HEADER):
+    def __init__(self, extra_args=(), identity_header=STORAGE_IDENTITY_HEADER, command="serve",
+                 listen="127.0.0.1:0", env=None):
         if not BROKER_BIN.exists():
             raise AssertionError(f"{BROKER_BIN} is missing: run scripts/test-storage.sh (it builds it)")
         self.identity_header = identity_header
-        env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": "info", "IMDS_BROKER_LOG_FORMAT": "json"}
+        env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": "info", "IMDS_BROKER_LOG_FORMAT": "json", **(env or {})}
         self.child = Child(
             [
-                BROKER_BIN, "serve", "--emulate",
-                "--listen", "127.0.0.1:0",
+                BROKER_BIN, command, "--emulate",
+                "--listen", listen,
                 "--admin-listen", "127.0.0.1:0",
                 "--identity-header", identity_header,
                 *extra_args,
@@ -291,6 +298,33 @@ class EmulatedBroker:
 
     def log_text(self):
         return "\n".join(self.child.output())
+
+    def stop(self):
+        self.child.stop()
+
+
+# --- the fake pod API (node mode) ---------------------------------------------------------------
+
+class FakeKubePods:
+    """examples/fake_kube_pods: the pod list/watch API a node broker attests callers against.
+    `kubeconfig` points a broker at it; `add` registers pods (dicts: namespace, name, node,
+    service_account, ip)."""
+
+    def __init__(self):
+        if not FAKE_KUBE_PODS_BIN.exists():
+            raise AssertionError(f"{FAKE_KUBE_PODS_BIN} is missing: run scripts/test-storage.sh (it builds it)")
+        self.child = Child([FAKE_KUBE_PODS_BIN], env={"PATH": os.environ.get("PATH", "")})
+        info = json.loads(self.child.wait_line(r"^\{.*\}$", 20, "fake_kube_pods' JSON line").group(0))
+        self.kubeconfig, self.control = info["kubeconfig"], info["control"]
+
+    def add(self, *pods):
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.control}/pods", data=json.dumps(list(pods)).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=10) as r:
+            assert r.status == 200, r.status
 
     def stop(self):
         self.child.stop()

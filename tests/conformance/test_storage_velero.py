@@ -10,6 +10,17 @@ storageAccount, storageAccountURI (Azurite's path-style URL), useAAD=true, caCer
 the BSL passes it); the credentials file names AZURE_CLIENT_ID only. The environment holds
 IDENTITY_ENDPOINT/IDENTITY_HEADER (the emulated broker) and no AZURE_* secret.
 
+Node mode (issue 21): the same program as a pod of a node served by `imds-broker node` on a
+non-loopback address with attestation on. Two network namespaces made here stand for two pods,
+each joined to the host's namespace (the node) by a veth pair: 10.203.0.2 (ServiceAccount
+velero-server) and 10.203.0.6 (ServiceAccount default), registered in examples/fake_kube_pods
+on node `node-storage`. The node broker listens on the node side, 10.203.0.1, as does a second
+Azurite (its certificate names 10.203.0.1), so both are reached over the pod's default route
+with no other change; the program runs inside the pod's namespace (ip netns exec) with
+IDENTITY_ENDPOINT=http://10.203.0.1:<port>/msi/token. The velero-server pod completes the round
+trip; the `default` pod fails with the broker's 403 reason in the program's error. Needs root
+and `ip netns` (skipped elsewhere; CI=true or IMDS_BROKER_REQUIRE_NETNS=1 fails instead).
+
 Run by scripts/test-storage.sh (IMDS_BROKER_STORAGE_E2E=1).
 """
 
@@ -20,12 +31,14 @@ import time
 
 import pytest
 
+from conftest import Netns, netns_unavailable
 from storage_support import (
     EMULATOR_CLIENT_ID,
     HERE,
     TARGET,
     Azurite,
     EmulatedBroker,
+    FakeKubePods,
     make_test_pki,
 )
 
@@ -63,9 +76,10 @@ def test_every_velero_module_is_selected_or_deliberately_skipped():
     assert not unknown, f"VELERO_VERSIONS names versions without a module: {sorted(unknown)}"
 
 
-def run_roundtrip(version, azurite, broker, pki, tmp_path, identity_header=None):
-    """Creates the BSL container, runs the version's program; returns (result dict, Popen
-    result, elapsed s, container)."""
+def run_roundtrip(version, azurite, broker, pki, tmp_path, identity_header=None, pod=None):
+    """Creates the BSL container (with a token from `broker`), runs the version's program;
+    returns (result dict, Popen result, elapsed s, container). `pod`: (Netns, its App Service
+    env): the program runs inside that namespace with that env instead of `broker`'s."""
     binary = TARGET / "velero-kopia" / version / "velero-roundtrip"
     if not binary.exists():
         pytest.fail(f"{binary} is missing: run scripts/test-storage.sh (it builds it)")
@@ -85,7 +99,7 @@ def run_roundtrip(version, azurite, broker, pki, tmp_path, identity_header=None)
         "XDG_CACHE_HOME": str(tmp_path / "cache"),
         "XDG_CONFIG_HOME": str(tmp_path / "config"),
     }
-    env.update(broker.app_service_env())
+    env.update(pod[1] if pod else broker.app_service_env())
     if identity_header is not None:
         env["IDENTITY_HEADER"] = identity_header
     argv = [
@@ -97,6 +111,8 @@ def run_roundtrip(version, azurite, broker, pki, tmp_path, identity_header=None)
         "-client-id", EMULATOR_CLIENT_ID,
         "-work", str(work),
     ]
+    if pod:
+        argv = [*pod[0].prefix, *argv]
     started = time.monotonic()
     p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - started
@@ -139,4 +155,95 @@ def test_velero_without_the_brokers_credential_writes_nothing(version, azurite, 
     assert "X-IDENTITY-HEADER does not match" in r["error"], r["error"]
     assert elapsed < 30, f"took {elapsed:.1f}s"
     status, code, listing = azurite.request("GET", f"/{container}?restype=container&comp=list", token=broker.token())
+    assert status == 200 and "<Blobs />" in listing.replace("<Blobs/>", "<Blobs />"), listing[:1000]
+
+
+# --- node mode --------------------------------------------------------------------------------
+
+NODE_ADDR = "10.203.0.1"
+NODE_NAME = "node-storage"
+NAMESPACE = "velero"
+# (pod address, node-side address of its veth, ServiceAccount)
+MOVER = ("10.203.0.2", "10.203.0.1", "velero-server")
+INTRUDER = ("10.203.0.6", "10.203.0.5", "default")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    """Two pod namespaces joined to this (the node's) namespace, the fake pod API holding them,
+    the node broker on NODE_ADDR and an Azurite on NODE_ADDR. Yields {pod name: (Netns, env)}
+    plus the broker and Azurite."""
+    reason = netns_unavailable()
+    if reason:
+        msg = f"node-mode storage tests need root and `ip netns`: {reason}"
+        if os.environ.get("CI") == "true" or os.environ.get("IMDS_BROKER_REQUIRE_NETNS") == "1":
+            pytest.fail(msg + " (required: CI=true or IMDS_BROKER_REQUIRE_NETNS=1)")
+        pytest.skip(msg)
+    spaces, stop = [], []
+    try:
+        kube = FakeKubePods()
+        stop.append(kube)
+        pods = {}
+        for name, (ip, node_ip, sa) in (("mover", MOVER), ("intruder", INTRUDER)):
+            ns = Netns()
+            spaces.append(ns)
+            ns.veth(f"{ip}/30", f"{node_ip}/30")
+            kube.add({"namespace": NAMESPACE, "name": name, "node": NODE_NAME, "service_account": sa, "ip": ip})
+            pods[name] = ns
+        pki = make_test_pki(tmp_path_factory.mktemp("node-pki"), extra_ips=[NODE_ADDR])
+        azurite = Azurite(pki, tmp_path_factory.mktemp("node-azurite"), host=NODE_ADDR)
+        stop.append(azurite)
+        broker = EmulatedBroker(
+            ["--node-name", NODE_NAME, "--allow-namespace", NAMESPACE],
+            command="node",
+            listen=f"{NODE_ADDR}:0",
+            env={"KUBECONFIG": kube.kubeconfig},
+        )
+        stop.append(broker)
+        assert broker.token_addr.startswith(f"{NODE_ADDR}:"), broker.token_addr
+        yield {"pods": {k: (ns, broker.app_service_env()) for k, ns in pods.items()},
+               "broker": broker, "azurite": azurite, "pki": pki}
+    finally:
+        for x in reversed(stop):
+            x.stop()
+        for ns in spaces:
+            ns.close()
+
+
+@pytest.mark.parametrize("version", SELECTED)
+def test_velero_round_trip_through_a_node_broker_with_attestation(version, node, broker, tmp_path):
+    """A velero-server pod of the node, on its own address, gets its tokens from the node
+    broker (attested by that address) and completes the round trip."""
+    nb = node["broker"]
+    before = nb.token_requests()
+    r, p, elapsed, container = run_roundtrip(version, node["azurite"], broker, node["pki"], tmp_path,
+                                             pod=node["pods"]["mover"])
+    assert r["ok"] and p.returncode == 0, f"{r}\nstderr:\n{p.stderr[-6000:]}\nbroker:\n{nb.log_text()[-3000:]}"
+    assert [s["name"] for s in r["steps"]] == ["tree", "prepare", "connect", "backup", "restore", "compare"], r["steps"]
+    # The node broker served the program (the test's own container request went to `broker`).
+    assert nb.token_requests() > before
+    status, code, listing = node["azurite"].request(
+        "GET", f"/{container}?restype=container&comp=list&prefix={r['repo_prefix']}", token=broker.token()
+    )
+    assert status == 200, (status, code, listing[:500])
+    assert f"<Name>{r['repo_prefix']}kopia.repository</Name>" in listing, listing[:2000]
+    print(f"velero {version} via the node broker: round trip in {elapsed:.1f}s")
+
+
+@pytest.mark.parametrize("version", SELECTED)
+def test_velero_as_a_pod_with_another_service_account_is_refused(version, node, broker, tmp_path):
+    """The same program, env and identity header, from a pod of the node running as
+    ServiceAccount `default`: the broker refuses it (403 naming the reason), azidentity fails
+    at once with that text, and nothing lands in the container."""
+    r, p, elapsed, container = run_roundtrip(version, node["azurite"], broker, node["pki"], tmp_path,
+                                             pod=node["pods"]["intruder"])
+    assert not r["ok"] and p.returncode == 1, r
+    assert [s["name"] for s in r["steps"]] == ["tree", "prepare"], r["steps"]
+    assert "ManagedIdentityCredential" in r["error"], r["error"]
+    assert "403" in r["error"], r["error"]
+    assert (f"caller {INTRUDER[0]} is pod {NAMESPACE}/intruder with ServiceAccount default; allowed: velero-server"
+            in r["error"]), r["error"]
+    assert elapsed < 30, f"took {elapsed:.1f}s"
+    status, code, listing = node["azurite"].request("GET", f"/{container}?restype=container&comp=list",
+                                                    token=broker.token())
     assert status == 200 and "<Blobs />" in listing.replace("<Blobs/>", "<Blobs />"), listing[:1000]

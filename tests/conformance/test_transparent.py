@@ -19,10 +19,10 @@ Needs root and `ip netns` (CI has both). Elsewhere the tests skip with a message
 or IMDS_BROKER_REQUIRE_NETNS=1 they fail instead, so CI cannot pass without running them.
 """
 
-import itertools
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -39,18 +39,20 @@ from conftest import (
     CLIENTS,
     IP_BIN,
     REFUSED,
+    Netns,
     STORAGE,
     TOKEN_LIFETIME,
     UNKNOWN_CLIENT_ID,
     Broker,
+    Process,
     client_env,
     finish_client,
     check_go_velero_case,
     go_extra_steps,
+    netns_unavailable,
     run_client,
     start_client,
     start_fake_entra,
-    stop_process,
     wait_for,
 )
 
@@ -67,58 +69,22 @@ SYSCTL_BIN = shutil.which("sysctl") or next(
     (p for p in ("/usr/sbin/sysctl", "/sbin/sysctl") if os.path.exists(p)), "sysctl"
 )
 REQUIRED = os.environ.get("CI") == "true" or os.environ.get("IMDS_BROKER_REQUIRE_NETNS") == "1"
-_names = itertools.count()
 
 
-def netns_unavailable():
-    if os.geteuid() != 0:
-        return "not root"
+def transparent_unavailable():
     if not shutil.which("setpriv"):
         return "setpriv (util-linux) not installed"
-    probe = f"ibconf-probe-{os.getpid()}"
-    p = subprocess.run([IP_BIN, "netns", "add", probe], capture_output=True, text=True)
-    if p.returncode != 0:
-        return f"`ip netns add` failed: {p.stderr.strip()}"
-    subprocess.run([IP_BIN, "netns", "del", probe], capture_output=True)
-    return None
+    return netns_unavailable()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def require_netns():
-    reason = netns_unavailable()
+    reason = transparent_unavailable()
     if reason:
         msg = f"transparent-mode tests need root and `ip netns`: {reason}"
         if REQUIRED:
             pytest.fail(msg + " (required: CI=true or IMDS_BROKER_REQUIRE_NETNS=1)")
         pytest.skip(msg)
-
-
-class Netns:
-    """A network namespace made by this run; deleted (with whatever we started in it) at exit."""
-
-    def __init__(self):
-        self.name = f"ibconf-{os.getpid()}-{next(_names)}"
-        subprocess.run([IP_BIN, "netns", "add", self.name], check=True)
-        self.procs = []
-
-    @property
-    def prefix(self):
-        return [IP_BIN, "netns", "exec", self.name]
-
-    def run(self, argv, **kw):
-        return subprocess.run(self.prefix + list(argv), capture_output=True, text=True, timeout=60, **kw)
-
-    def ip(self, *args):
-        p = subprocess.run([IP_BIN, "-n", self.name, *args], capture_output=True, text=True, check=True)
-        return p.stdout
-
-    def lo_addresses(self):
-        return self.ip("-o", "-4", "addr", "show", "dev", "lo")
-
-    def close(self):
-        for proc in self.procs:
-            stop_process(proc)
-        subprocess.run([IP_BIN, "netns", "del", self.name], capture_output=True)
 
 
 @pytest.fixture
@@ -453,36 +419,62 @@ def test_without_init_network_the_client_does_not_reach_the_broker(netns, tmp_pa
         broker.stop()
 
 
+# The node's real IMDS, for test_init_network_takes_imds_away_from_the_node: it serves any caller
+# (imds-broker serves only callers inside its own pod, so it cannot stand in). Appends one line
+# per token request to argv[1]; prints "ready" once it listens.
+NODE_IMDS = """
+import json, sys, time, urllib.parse
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Imds(BaseHTTPRequestHandler):
+    def do_GET(self):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        with open(sys.argv[1], "a") as f:
+            f.write(self.path + "\\n")
+        now = int(time.time())
+        body = json.dumps({"access_token": "node-token", "client_id": "99999999-9999-9999-9999-999999999999",
+                           "expires_in": "3599", "expires_on": str(now + 3599), "ext_expires_in": "3599",
+                           "not_before": str(now), "resource": query.get("resource", [""])[0],
+                           "refresh_token": "", "token_type": "Bearer"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = HTTPServer(("169.254.169.254", 80), Imds)
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
 def test_init_network_takes_imds_away_from_the_node(tmp_path):
     """A pod with a default route to a "node" namespace whose loopback has 169.254.169.254 and
-    an IMDS on it (an emulator standing in for the node's real IMDS and identity). Before
-    init-network the pod's client gets the NODE's token; after it, the pod's own broker answers
-    and the node sees no further request."""
+    an IMDS on it (a stand-in for the node's real IMDS and identity). Before init-network the
+    pod's client gets the NODE's token; after it, the pod's own broker answers and the node sees
+    no further request."""
     node, pod = Netns(), Netns()
     brokers = []
+    node_imds = None
     try:
-        veth_pod, veth_node = f"ibp{os.getpid() % 100000}", f"ibn{os.getpid() % 100000}"
-        subprocess.run([IP_BIN, "link", "add", veth_pod, "netns", pod.name, "type", "veth",
-                        "peer", "name", veth_node, "netns", node.name], check=True)
         # Link-local /30 between them: addresses only these two namespaces have.
-        node.ip("addr", "add", "169.254.100.1/30", "dev", veth_node)
-        pod.ip("addr", "add", "169.254.100.2/30", "dev", veth_pod)
-        for ns, dev in ((node, veth_node), (pod, veth_pod), (node, "lo"), (pod, "lo")):
-            ns.ip("link", "set", "dev", dev, "up")
+        pod.veth("169.254.100.2/30", "169.254.100.1/30", peer=node)
+        node.ip("link", "set", "dev", "lo", "up")
         node.ip("addr", "add", f"{IMDS_IP}/32", "dev", "lo")
-        pod.ip("route", "add", "default", "via", "169.254.100.1")
 
-        node_imds = Broker(["--emulate", "--client-id", "99999999-9999-9999-9999-999999999999",
-                            "--listen", f"{IMDS_IP}:80", "--admin-listen", "127.0.0.1:8401"],
-                           netns=node.name)
-        brokers.append(node_imds)
+        asked = tmp_path / "node-imds-requests"
+        asked.touch()
+        node_imds = Process([IP_BIN, "netns", "exec", node.name, sys.executable, "-c", NODE_IMDS, str(asked)],
+                            stdout=subprocess.PIPE)
+        assert node_imds.proc.stdout.readline().strip() == "ready", node_imds.log()
+        node_requests = lambda: len(asked.read_text().splitlines())  # noqa: E731
         env = client_env("transparent", None, tmp_path)
         step = [{"resource": STORAGE}]
 
         # Without init-network the pod reaches the node's IMDS (and the node's identity).
         r = run_client("python", "mic", step, env, prefix=pod.prefix)[0]
         assert r["ok"], r.get("error")
-        assert node_imds.requests_served(200, "imds") == 1
+        assert node_requests() == 1
 
         # With it, 169.254.169.254 is the pod's own.
         p = init_network(pod)
@@ -493,8 +485,10 @@ def test_init_network_takes_imds_away_from_the_node(tmp_path):
         r = run_client("python", "mic", step, env, prefix=pod.prefix)[0]
         assert r["ok"], r.get("error")
         assert pod_broker.requests_served(200, "imds") == 1
-        assert node_imds.requests_served() == 1, "the node's IMDS was asked again"
+        assert node_requests() == 1, "the node's IMDS was asked again"
     finally:
+        if node_imds:
+            node_imds.stop()
         for b in brokers:
             b.stop()
         pod.close()

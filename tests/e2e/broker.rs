@@ -1191,3 +1191,70 @@ async fn ambiguous_security_headers_and_every_proxy_header_are_refused() {
     assert_eq!(r.status, 400, "{}", r.raw);
     assert_eq!(fake.calls(), 0, "nothing refused reached Entra");
 }
+
+/// Numbers and durations outside their range are flag errors (exit 2, naming the flag, the
+/// value and the allowed range), for serve and the webhook alike: `--max-connections
+/// 3000000000000000000` made the slot semaphore panic, and `0s` delays and timeouts were
+/// accepted (a `0s` retry delay made the refresher call Entra back to back). Loopback, ephemeral
+/// ports: a start that should have been refused is stopped after 10 s, and the test fails.
+#[tokio::test]
+async fn out_of_range_numbers_and_durations_are_flag_errors_not_panics() {
+    let serve = [
+        "serve",
+        "--emulate",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let webhook = [
+        "webhook",
+        "--sidecar-image",
+        "registry.example/imds-broker:test",
+        "--kube-api-url",
+        "none",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let cases: &[(&[&str], &str, &str, &str)] = &[
+        (
+            &serve,
+            "--max-connections",
+            "3000000000000000000",
+            "1–65536",
+        ),
+        (&serve, "--retry-initial-backoff", "0s", "50ms–1m"),
+        (&serve, "--request-timeout", "0s", "1s–5m"),
+        (&serve, "--request-timeout", "500000000000y", "1s–5m"),
+        (
+            &webhook,
+            "--max-connections",
+            "3000000000000000000",
+            "1–65536",
+        ),
+        (&webhook, "--request-timeout", "0s", "1s–5m"),
+        (&webhook, "--kube-api-timeout", "0s", "100ms–30s"),
+    ];
+    for (command, flag, value, range) in cases {
+        let mut cmd = std::process::Command::new(crate::support::BIN);
+        cmd.args(*command)
+            .args([flag, value])
+            .env_clear()
+            .env("IMDS_BROKER_LOG_FORMAT", "text");
+        let mut process = testkit::process::Process::spawn(&mut cmd);
+        let status = process.wait_exit(Duration::from_secs(10)).await;
+        let logs = process.logs();
+        let shown = format!("{} {flag} {value}", command[0]);
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "{shown}: not a flag error; logs:\n{logs}"
+        );
+        assert!(!logs.contains("panicked"), "{shown}: {logs}");
+        for needle in [*flag, *value, &format!("allowed range {range}")] {
+            assert!(logs.contains(needle), "{shown}: no {needle:?} in:\n{logs}");
+        }
+    }
+}

@@ -195,3 +195,194 @@ fn no_broker_listening_fails_at_the_listener() {
         "{line}"
     );
 }
+
+/// An authority (or proxy) answering the discovery request with 50 MB: doctor's read stops at
+/// the limit and names it, instead of buffering the lot.
+#[tokio::test]
+async fn a_huge_answer_from_the_authority_is_named_not_read() {
+    use testkit::hostile_authority::{Answer, HostileAuthority};
+    let authority = HostileAuthority::start(Answer::huge(200, 50_000_000).chunked());
+    let dir = tempfile::tempdir().unwrap();
+    let tf = dir.path().join("token");
+    testkit::issuer::TestIssuer::new().write_to(&tf).unwrap();
+    let out = std::process::Command::new(crate::support::BIN)
+        .args([
+            "doctor",
+            "--client-id",
+            "11111111-1111-1111-1111-111111111111",
+            "--tenant-id",
+            "22222222-2222-2222-2222-222222222222",
+            "--authority-host",
+            &authority.url(),
+            "--token-file",
+            &tf.display().to_string(),
+            "--ca-file",
+            &authority.ca_file().display().to_string(),
+        ])
+        .env_clear()
+        .output()
+        .unwrap();
+    let line = broken(&out);
+    assert!(line.contains("TLS + HTTP"), "{line}");
+    assert!(line.contains("65536-byte limit"), "{line}");
+    assert!(
+        authority.body_bytes_written() < 12 * 1024 * 1024,
+        "stopped reading: {}",
+        authority.body_bytes_written()
+    );
+}
+
+// --- `doctor --app-service`: is this pod covered by its node's broker (node mode)? ---------
+
+/// A node broker on 127.0.0.1 serving namespace `velero` of node-1, with `pod` registered
+/// (at 127.0.0.1: the source of doctor's connections); listed once it returns.
+async fn node_broker(
+    api: &testkit::kube_pods::PodApi,
+    dir: &tempfile::TempDir,
+    pod: testkit::kube_pods::FakePod,
+) -> crate::support::broker::Broker {
+    api.apply(pod);
+    let mut broker = BrokerBuilder::emulate()
+        .node(&api.kubeconfig(dir.path()), "node-1")
+        .env("POD_NAMESPACE", "velero")
+        .spawn()
+        .await;
+    broker
+        .expect_log("listed the pods of the namespace on this node")
+        .await;
+    broker
+}
+
+/// `doctor --app-service` with exactly `env` (plus `extra` flags), as an ephemeral container
+/// would run it; blocking, so off the runtime's threads.
+async fn app_service_doctor(env: Vec<(String, String)>, extra: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::support::BIN)
+            .args(["doctor", "--app-service"])
+            .args(extra)
+            .env_clear()
+            .envs(env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn app_env(endpoint: &str, header: &str) -> Vec<(String, String)> {
+    vec![
+        ("IDENTITY_ENDPOINT".into(), endpoint.into()),
+        ("IDENTITY_HEADER".into(), header.into()),
+    ]
+}
+
+fn endpoint_of(broker: &crate::support::broker::Broker) -> String {
+    format!("http://{}/msi/token", broker.token_addr)
+}
+
+#[tokio::test]
+async fn app_service_a_covered_pod_passes_every_step_reading_the_env_of_its_process() {
+    use crate::support::broker::IDENTITY_HEADER;
+    let api = testkit::kube_pods::PodApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.0.1";
+    let pod = testkit::kube_pods::FakePod::new("velero", "mover", "node-1", "velero-server", ip);
+    let broker = node_broker(&api, &dir, pod).await;
+    // The app's process holds the env; doctor's own env is empty, as in an ephemeral container.
+    let mut app = std::process::Command::new("sleep")
+        .arg("30")
+        .env_clear()
+        .envs(app_env(&endpoint_of(&broker), IDENTITY_HEADER))
+        .spawn()
+        .unwrap();
+    let out = app_service_doctor(Vec::new(), vec!["--from-pid".into(), app.id().to_string()]).await;
+    app.kill().unwrap();
+    app.wait().unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    for step in ["env", "broker reachable", "attestation", "header", "token"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok ") && l.contains(step)),
+            "no ok line for {step}: {text}"
+        );
+    }
+    assert!(text.contains(&format!("its address {ip}")), "{text}");
+    assert!(
+        !text.contains(IDENTITY_HEADER),
+        "the header is not printed: {text}"
+    );
+    assert!(!text.contains("eyJ"), "no token is printed: {text}");
+}
+
+#[tokio::test]
+async fn app_service_missing_env_names_the_variable() {
+    let out = app_service_doctor(Vec::new(), Vec::new()).await;
+    let line = broken(&out);
+    assert!(
+        line.contains("env") && line.contains("IDENTITY_ENDPOINT is not set"),
+        "{line}"
+    );
+    let out = app_service_doctor(
+        vec![(
+            "IDENTITY_ENDPOINT".into(),
+            "http://127.0.0.1:1/msi/token".into(),
+        )],
+        Vec::new(),
+    )
+    .await;
+    assert!(broken(&out).contains("IDENTITY_HEADER is not set"));
+}
+
+#[tokio::test]
+async fn app_service_a_wrong_header_fails_at_the_header_after_attestation() {
+    let api = testkit::kube_pods::PodApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.0.1";
+    let pod = testkit::kube_pods::FakePod::new("velero", "mover", "node-1", "velero-server", ip);
+    let broker = node_broker(&api, &dir, pod).await;
+    let out = app_service_doctor(app_env(&endpoint_of(&broker), "guess"), Vec::new()).await;
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ok ") && l.contains("attestation")),
+        "{text}"
+    );
+    let line = broken(&out);
+    assert!(
+        line.contains("header") && line.contains("401") && line.contains("imds-broker-node"),
+        "{line}"
+    );
+    assert!(!text.contains("guess"), "the header is not printed: {text}");
+}
+
+#[tokio::test]
+async fn app_service_a_refused_pod_shows_the_brokers_reason() {
+    use crate::support::broker::IDENTITY_HEADER;
+    let api = testkit::kube_pods::PodApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.0.1";
+    let pod = testkit::kube_pods::FakePod::new("velero", "curious", "node-1", "default", ip);
+    let broker = node_broker(&api, &dir, pod).await;
+    let out = app_service_doctor(app_env(&endpoint_of(&broker), IDENTITY_HEADER), Vec::new()).await;
+    let line = broken(&out);
+    assert!(
+        line.contains("attestation")
+            && line.contains("403")
+            && line.contains(&format!(
+                "caller {ip} is pod velero/curious with ServiceAccount default; allowed: velero-server"
+            )),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn app_service_no_broker_fails_at_reachable() {
+    let endpoint = format!("http://127.0.0.1:{}/msi/token", unused_port());
+    let out = app_service_doctor(app_env(&endpoint, "h"), Vec::new()).await;
+    let line = broken(&out);
+    assert!(
+        line.contains("broker reachable") && line.contains("imds-broker-node"),
+        "{line}"
+    );
+}

@@ -9,11 +9,16 @@
 
 mod broker;
 mod doctor_e2e;
+mod entra_bounds;
 mod fake_entra_selftest;
 mod flags_documented;
 mod hostile;
 mod inject_cli;
+mod node_mode;
+mod node_watch;
 mod support;
+mod transparent_netns;
 mod webhook_e2e;
 mod webhook_golden;
+mod webhook_hostile;
 mod webhook_identity;

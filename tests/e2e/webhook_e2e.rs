@@ -2,7 +2,7 @@
 //! malformed input, certificate hot reload, the ServiceAccount lookup through a fake API
 //! server, metrics, and a clean exit on SIGTERM.
 
-use crate::support::webhook::Webhook;
+use crate::support::webhook::{fixture_review, Webhook};
 use crate::support::BIN;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -34,24 +34,6 @@ fn client(cas: &[&str]) -> reqwest::Client {
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap()
-}
-
-fn fixture_review() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/velero/velero-1.15-data-upload.json");
-    let pod: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": "e2e-uid-1",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "velero",
-            "operation": "CREATE",
-            "object": pod
-        }
-    })
 }
 
 fn patched_sidecar_env(response: &Value) -> Vec<(String, String)> {
@@ -101,7 +83,7 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
             "--client-id",
             "flag-client",
             "--tenant-id",
-            "flag-tenant",
+            "66666666-7777-8888-9999-000000000000",
         ],
     )
     .await;
@@ -123,7 +105,10 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
     assert_eq!(body["response"]["patchType"], "JSONPatch");
     let env = patched_sidecar_env(&body);
     assert!(env.contains(&("AZURE_CLIENT_ID".into(), "flag-client".into())));
-    assert!(env.contains(&("AZURE_TENANT_ID".into(), "flag-tenant".into())));
+    assert!(env.contains(&(
+        "AZURE_TENANT_ID".into(),
+        "66666666-7777-8888-9999-000000000000".into()
+    )));
     let header = &env.iter().find(|(n, _)| n == "IDENTITY_HEADER").unwrap().1;
     assert!(header.len() >= 43);
     assert!(
@@ -218,7 +203,10 @@ async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() 
             "velero-server",
             &[
                 ("azure.workload.identity/client-id", "sa-client-id"),
-                ("azure.workload.identity/tenant-id", "sa-tenant-id"),
+                (
+                    "azure.workload.identity/tenant-id",
+                    "contoso.onmicrosoft.com",
+                ),
             ],
         )
         .bearer_token("webhook-sa-token")
@@ -251,7 +239,7 @@ async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() 
         .unwrap();
     let env = patched_sidecar_env(&body);
     assert!(env.contains(&("AZURE_CLIENT_ID".into(), "sa-client-id".into())));
-    assert!(env.contains(&("AZURE_TENANT_ID".into(), "sa-tenant-id".into())));
+    assert!(env.contains(&("AZURE_TENANT_ID".into(), "contoso.onmicrosoft.com".into())));
 
     // Another ServiceAccount without annotations, and no --client-id: admitted, warned.
     let mut review = fixture_review();

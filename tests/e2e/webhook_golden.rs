@@ -442,11 +442,18 @@ async fn every_velero_pod_is_mutated_through_the_review_path() {
         let r = review_pod(&reviewer, &pod).await;
         assert_eq!(r.outcome, Outcome::Mutated, "{name}");
         assert_eq!(r.response["allowed"], true);
-        assert!(
-            r.response.get("warnings").is_none(),
-            "{name}: {}",
-            r.response
-        );
+        // Velero 1.16+ copies the node-agent's envFrom: what it could hold is overridden, and
+        // the user is told so; the other pods carry nothing the injection changes.
+        let expected = match *name {
+            "velero-1.16-data-download" => json!([
+                "imds-broker: container b1d4a0f2-8c3e-4d7a-a2f5-6e9c0b1a7d33 takes environment \
+                 variables from ConfigMap velero-node-agent-env (envFrom); an IDENTITY_ENDPOINT \
+                 or IDENTITY_HEADER there is overridden by the injected pair (to use your own, \
+                 set both in the container's env)"
+            ]),
+            _ => Value::Null,
+        };
+        assert_eq!(r.response["warnings"], expected, "{name}");
         let mutated = apply(&pod, &r.patch.expect("a patch"));
         assert_injected(&pod, &mutated, HEADER);
     }
@@ -617,6 +624,37 @@ async fn a_failed_service_account_lookup_refuses_the_pod() {
     );
 }
 
+/// `serve` refuses to start with a tenant that is neither a GUID nor a domain: injecting one
+/// from an annotation would crash-loop the sidecar in every pod of the ServiceAccount (the app
+/// containers waiting behind it), so the pod is refused, naming the annotation to fix.
+#[tokio::test]
+async fn an_annotation_the_sidecar_would_refuse_refuses_the_pod() {
+    for tenant in ["organizations", "common", "contoso/../x"] {
+        let accounts = FakeAccounts {
+            accounts: HashMap::from([(
+                "velero/velero-server".to_string(),
+                PartialIdentity::new(Some(CLIENT_ID), Some(tenant)),
+            )]),
+            ..Default::default()
+        };
+        // The flags' valid tenant does not paper over the annotation's.
+        let (reviewer, _) = make_reviewer(accounts, PartialIdentity::new(None, Some(TENANT_ID)));
+        let r = review_pod(&reviewer, &fixture("velero-1.15-data-upload")).await;
+        assert_eq!(r.outcome, Outcome::Error, "{tenant}");
+        assert_eq!(r.response["allowed"], false);
+        assert!(r.patch.is_none());
+        let message = r.response["status"]["message"].as_str().unwrap();
+        for part in [
+            "ServiceAccount velero/velero-server",
+            "azure.workload.identity/tenant-id",
+            &format!("{tenant:?}"),
+            "refuse to start",
+        ] {
+            assert!(message.contains(part), "{tenant}: {part} not in {message}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn token_expiration_annotation_overrides_and_invalid_values_warn() {
     let (reviewer, _) = make_reviewer(annotated_velero_sa(), PartialIdentity::default());
@@ -630,7 +668,7 @@ async fn token_expiration_annotation_overrides_and_invalid_values_warn() {
             .as_i64()
             .unwrap()
     };
-    let mut pod = fixture("velero-1.16-data-download");
+    let mut pod = fixture("velero-1.17-pod-volume-backup");
     pod["metadata"]["annotations"] =
         json!({"azure.workload.identity/service-account-token-expiration": "86400"});
     let r = review_pod(&reviewer, &pod).await;

@@ -1,6 +1,6 @@
 //! The ServiceAccount lookup against a fake API server on loopback: HTTPS with the cluster
 //! CA, the bearer token re-read per request, the TTL cache, stale answers on errors, 404s,
-//! untrusted certificates and timeouts.
+//! untrusted certificates, timeouts and answers too large to be a ServiceAccount.
 
 use imds_broker::webhook::identity::{
     ApiConfig, IdentitySource, LookupError, PartialIdentity, ServiceAccountLookup,
@@ -157,4 +157,36 @@ async fn unusable_names_and_token_files_are_errors_not_requests() {
         LookupError::InvalidName(_)
     ));
     assert!(api.requests().is_empty());
+}
+
+/// The API server's answer is sized by the peer: an 8-MiB "ServiceAccount" is refused, whether
+/// it declares its length (refused before reading) or streams it chunked (refused once it
+/// passes the cap), and never becomes an identity.
+#[tokio::test]
+async fn an_answer_larger_than_a_service_account_can_be_is_refused() {
+    let pki = TestPki::new();
+    let huge = "x".repeat(8 * 1024 * 1024);
+    let api = KubeApi::builder()
+        .tls(&pki)
+        .service_account(
+            "velero",
+            "velero-server",
+            &[
+                ("azure.workload.identity/client-id", "sa-client"),
+                ("padding", &huge),
+            ],
+        )
+        .start()
+        .await;
+    let (_dir, ca, token) = files(&pki);
+    let sa = lookup(&api, &ca, &token, Duration::ZERO);
+    for framing in ["Content-Length", "chunked"] {
+        if framing == "chunked" {
+            api.chunked();
+        }
+        let err = sa.lookup("velero", "velero-server").await.unwrap_err();
+        assert!(matches!(err, LookupError::TooLarge(_)), "{framing}: {err}");
+        assert!(err.to_string().contains("524288-byte limit"), "{err}");
+    }
+    assert_eq!(api.requests().len(), 2);
 }

@@ -8,7 +8,10 @@
 - the chart's objects equal the kustomize overlays' object by object, after normalising what
   legitimately differs (Helm's release labels; settings the chart passes explicitly with the
   webhook's own defaults), so the two installs never drift;
-- the values do what values.yaml says.
+- the values do what values.yaml says;
+- node mode (mode=node): valid objects that agree with each other (validate_k8s's node
+  checks: host network, no declared ports, env order, Roles only), equal to deploy/node, the
+  identity-header Secret's choices, and NOTES.txt printing what `imds-broker velero-env` prints.
 """
 
 import base64
@@ -59,28 +62,36 @@ def helm(*args, check=True):
     return res
 
 
-def template(*sets, namespace=NAMESPACE):
-    args = ["template", RELEASE, str(CHART), "--namespace", namespace]
+def template(*sets, namespace=NAMESPACE, release=RELEASE, chart=CHART):
+    args = ["template", release, str(chart), "--namespace", namespace]
     for s in sets:
         args += ["--set", s]
     out = helm(*args).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
-def kustomize(overlay, components=()):
-    """The overlay rendered the way the README says: image set with `kustomize edit`, and
-    `components` added with `kustomize edit add component`."""
+def kustomize(overlay, components=(), edits=(), path=None):
+    """The overlay rendered the way the README says: image set with `kustomize edit`,
+    `components` added with `kustomize edit add component`, then any further `kustomize edit`
+    argument lists in `edits`. `path`: a directory under deploy/ instead of overlays/OVERLAY."""
+    res = kustomize_run(overlay, components, edits, path)
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+def kustomize_run(overlay, components=(), edits=(), path=None, set_image=True):
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(ROOT / "deploy", os.path.join(tmp, "deploy"))
-        kdir = os.path.join(tmp, "deploy", "overlays", overlay)
-        subprocess.run([str(KUSTOMIZE), "edit", "set", "image", f"imds-broker={IMAGE}"],
-                       cwd=kdir, check=True, capture_output=True)
+        kdir = os.path.join(tmp, "deploy", *(path or f"overlays/{overlay}").split("/"))
+        if set_image:
+            subprocess.run([str(KUSTOMIZE), "edit", "set", "image", f"imds-broker={IMAGE}"],
+                           cwd=kdir, check=True, capture_output=True)
         for c in components:
             subprocess.run([str(KUSTOMIZE), "edit", "add", "component", f"../../components/{c}"],
                            cwd=kdir, check=True, capture_output=True)
-        out = subprocess.run([str(KUSTOMIZE), "build", kdir], check=True,
-                             capture_output=True, text=True).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+        for edit in edits:
+            subprocess.run([str(KUSTOMIZE), "edit", *edit], cwd=kdir, check=True, capture_output=True)
+        return subprocess.run([str(KUSTOMIZE), "build", kdir], capture_output=True, text=True)
 
 
 def key(doc):
@@ -201,8 +212,10 @@ def test_rules_copy_in_chart_is_the_same():
     ).read_text(), "cp deploy/monitoring/imds-broker.rules.yml charts/imds-broker/files/imds-broker.rules.yaml"
 
 
-def test_helm_lint():
-    res = helm("lint", "--strict", str(CHART), "--set", f"image.repository={REPO}")
+@pytest.mark.parametrize("mode", ["sidecar", "node"])
+def test_helm_lint(mode):
+    res = helm("lint", "--strict", str(CHART), "--set", f"image.repository={REPO}", "--set", f"mode={mode}",
+               "--set", "identity.clientId=c", "--set", "identity.tenantId=t")
     assert "0 chart(s) failed" in res.stdout, res.stdout
 
 
@@ -364,3 +377,197 @@ def test_refuses_clusters_without_native_sidecars():
                "--kube-version", "1.28.0", check=False)
     assert res.returncode != 0 and "kubeVersion: >=1.29.0-0" in res.stderr, res.stderr
     helm("template", RELEASE, str(CHART), "--set", f"image.repository={REPO}", "--kube-version", "1.29.0")
+
+
+# ---- node mode ----------------------------------------------------------------------------
+
+CLIENT_ID = vk.TEST_CLIENT_ID
+TENANT_ID = vk.TEST_TENANT_ID
+NODE = [f"image.repository={REPO}", "mode=node", f"identity.clientId={CLIENT_ID}",
+        f"identity.tenantId={TENANT_ID}"]
+
+
+def node_template(*sets, namespace="velero", **kw):
+    return template(*NODE, *sets, namespace=namespace, **kw)
+
+
+def test_invalid_mode_fails_with_a_message():
+    res = helm("template", RELEASE, str(CHART), "--set", f"image.repository={REPO}",
+               "--set", "mode=daemonset", check=False)
+    assert res.returncode != 0 and "mode must be sidecar or node" in res.stderr, res.stderr
+
+
+def test_node_mode_objects_are_valid_and_agree():
+    docs = node_template("monitoring.podMonitor.enabled=true", "monitoring.prometheusRule.enabled=true",
+                         "node.networkPolicy.enabled=true", "node.networkPolicy.nodeCIDRs={10.224.0.0/16}",
+                         "node.allowNamespaces={velero,backup}")
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(["DaemonSet", "ServiceAccount", "Secret", "Service", "Role", "Role",
+                            "RoleBinding", "RoleBinding", "NetworkPolicy", "NetworkPolicy",
+                            "PodMonitor", "PrometheusRule"]), kinds
+    versions = vk.kube_versions()
+    for doc in docs:
+        if not doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            vk.validate_doc(doc, versions)
+    vk.check_node_workload(docs)
+    for np in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        assert np["spec"]["policyTypes"] == ["Egress"]
+        assert np["spec"]["egress"] == [{"to": [{"ipBlock": {"cidr": "10.224.0.0/16"}}],
+                                         "ports": [{"port": 8400, "protocol": "TCP"}]}]
+
+
+def test_node_checks_catch_what_they_guard():
+    """check_node_workload fails on the mistakes it exists for."""
+    def broken(edit):
+        docs = node_template()
+        (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+        edit(ds["spec"]["template"]["spec"], docs)
+        with pytest.raises(AssertionError) as e:
+            vk.check_node_workload(docs)
+        return str(e.value)
+
+    def endpoint_first(spec, _):
+        env = spec["containers"][0]["env"]
+        env.insert(0, env.pop([e["name"] for e in env].index("IMDS_BROKER_ADMIN_LISTEN")))
+    assert "before it is declared" in broken(endpoint_first)
+    assert "hostPort" in broken(lambda spec, _: spec["containers"][0].update(
+        ports=[{"containerPort": 8400}]))
+
+    def cluster_role(spec, docs):
+        docs.append({"kind": "ClusterRole", "metadata": {"name": "x"}})
+    assert "cluster-wide" in broken(cluster_role)
+
+
+def test_node_mode_needs_the_identity():
+    for missing, message in (("identity.clientId", "needs identity.clientId"),
+                             ("identity.tenantId", "needs identity.tenantId")):
+        sets = [s for s in NODE if not s.startswith(missing)]
+        res = helm("template", RELEASE, str(CHART), "-n", "velero",
+                   *[a for s in sets for a in ("--set", s)], check=False)
+        assert res.returncode != 0 and message in res.stderr, res.stderr
+    res = helm("template", RELEASE, str(CHART), "-n", "velero", "--set", "namespace.create=true",
+               *[a for s in NODE for a in ("--set", s)], check=False)
+    assert res.returncode != 0 and "namespace.create is for sidecar mode" in res.stderr, res.stderr
+
+
+def test_node_mode_equals_deploy_node():
+    chart = node_template("node.identityHeader.createSecret=false")
+    docs = kustomize(None, path="node", edits=[
+        ["set", "configmap", "imds-broker-node-identity", f"--from-literal=client-id={CLIENT_ID}",
+         f"--from-literal=tenant-id={TENANT_ID}"],
+    ])
+    chart = {k: normalise(v, {}, []) for k, v in by_key(chart).items()}
+    kust = {k: normalise(v, {}, []) for k, v in by_key(docs).items()}
+    assert sorted(chart) == sorted(kust), (sorted(chart), sorted(kust))
+    for k in chart:
+        assert chart[k] == kust[k], (
+            f"{k} differs:\nchart: {json.dumps(chart[k], sort_keys=True)}\n"
+            f"deploy: {json.dumps(kust[k], sort_keys=True)}"
+        )
+
+
+def test_deploy_node_refuses_to_build_until_the_identity_is_set():
+    res = kustomize_run(None, path="node")
+    assert res.returncode != 0 and "CLIENT_ID_NOT_SET" in res.stderr, res.stderr
+    res = kustomize_run(None, path="node", set_image=False)
+    assert res.returncode != 0 and "IMAGE-NOT-SET" in res.stderr, res.stderr
+
+
+def node_secret(docs):
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    return base64.b64decode(secret["data"]["identity-header"]).decode()
+
+
+def test_identity_header_secret():
+    """Generated when no value is given (48 letters and digits; without a cluster, as in helm
+    template, lookup finds no Secret, so each render generates anew: the documented reason to
+    set a value there), exactly the given value otherwise, and absent with createSecret=false
+    while the DaemonSet still references it."""
+    first, second = node_secret(node_template()), node_secret(node_template())
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", first) and first != second
+    assert node_secret(node_template("node.identityHeader.value=0123456789abcdef0123")) == "0123456789abcdef0123"
+    for bad in ("short", "has space in it here", 'quote"inside-the-value'):
+        res = helm("template", RELEASE, str(CHART), "-n", "velero",
+                   *[a for s in NODE for a in ("--set", s)],
+                   "--set-string", f"node.identityHeader.value={bad}", check=False)
+        assert res.returncode != 0 and "node.identityHeader.value must be" in res.stderr, (bad, res.stderr)
+    docs = node_template("node.identityHeader.createSecret=false")
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    vk.check_node_workload(docs)  # the DaemonSet still names <fullname>-node / identity-header
+
+
+def test_node_values_reach_the_broker():
+    docs = node_template("node.allowServiceAccounts={velero,backup/other}", "node.allowHostNetwork=true",
+                         "node.allowResources={https://storage.azure.com/}", "node.prefetch=null",
+                         "node.adminPort=9401", "identity.tokenAudience=api://AzureADTokenExchangeUSGov",
+                         "identity.tokenExpiration=7200", "node.priorityClassName=",
+                         "node.service.enabled=false", namespace="backup")
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    spec = ds["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    env = env_map(c)
+    assert env["IMDS_BROKER_ALLOW_SERVICE_ACCOUNTS"] == "velero,backup/other"
+    assert env["IMDS_BROKER_ALLOW_NAMESPACES"] == "backup", "default: the release namespace"
+    assert env["IMDS_BROKER_ALLOW_HOST_NETWORK"] == "true"
+    assert env["IMDS_BROKER_ALLOW_RESOURCES"] == "https://storage.azure.com/"
+    assert "IMDS_BROKER_PREFETCH" not in env
+    assert env["IMDS_BROKER_ADMIN_LISTEN"] == "$(HOST_IP):9401"
+    assert ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9401"
+    assert env["IMDS_BROKER_TOKEN_AUDIENCE"] == "api://AzureADTokenExchangeUSGov"
+    (token,) = spec["volumes"][0]["projected"]["sources"]
+    assert token["serviceAccountToken"]["audience"] == "api://AzureADTokenExchangeUSGov"
+    assert token["serviceAccountToken"]["expirationSeconds"] == 7200
+    assert "priorityClassName" not in spec
+    assert not [d for d in docs if d["kind"] == "Service"]
+    (sa,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert sa["metadata"]["annotations"] == {"azure.workload.identity/client-id": CLIENT_ID,
+                                             "azure.workload.identity/tenant-id": TENANT_ID}
+    res = helm("template", RELEASE, str(CHART), "-n", "velero", *[a for s in NODE for a in ("--set", s)],
+               "--set", "node.adminPort=8400", check=False)
+    assert res.returncode != 0 and "node.adminPort must be a port other than 8400" in res.stderr
+
+
+def test_node_mode_podmonitor_scrapes_the_admin_port_on_the_pod_ip():
+    docs = node_template("monitoring.podMonitor.enabled=true", "node.adminPort=9401")
+    (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    assert vk.selector_matches(pm["spec"]["selector"]["matchLabels"], ds["spec"]["template"]["metadata"]["labels"])
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    # No port selector: the pods declare none, and one would drop every target.
+    assert not {"port", "portNumber", "targetPort"} & set(ep), ep
+    (address,) = [r for r in ep["relabelings"] if r["targetLabel"] == "__address__"]
+    assert address["sourceLabels"] == ["__meta_kubernetes_pod_ip"] and address["replacement"] == "${1}:9401"
+
+
+def render_notes(*sets, namespace, release):
+    """NOTES.txt as `helm install` prints it: helm template does not render NOTES, so a copy of
+    the chart renders it through tpl into a ConfigMap."""
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = os.path.join(tmp, "imds-broker")
+        shutil.copytree(CHART, chart)
+        shutil.copy(os.path.join(chart, "templates", "NOTES.txt"), os.path.join(chart, "files", "NOTES.txt"))
+        with open(os.path.join(chart, "templates", "zz-notes.yaml"), "w") as f:
+            f.write('apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n'
+                    'data:\n  notes: {{ tpl (.Files.Get "files/NOTES.txt") . | toJson }}\n')
+        docs = template(*sets, namespace=namespace, release=release, chart=chart)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    return cm["data"]["notes"]
+
+
+def test_node_notes_print_what_velero_env_prints():
+    """Under another release name and namespace, so names are not the defaults by luck."""
+    notes = render_notes(*NODE, namespace="backup", release="bk")
+    start = notes.index("# Velero Helm chart")
+    snippet = notes[start:notes.index("\n\n", start) + 1]
+    printed = subprocess.run(
+        [str(BINARY), "velero-env", "--format", "helm", "--namespace", "backup",
+         "--client-id", CLIENT_ID, "--name", "bk-imds-broker-node"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert snippet == printed, f"NOTES.txt:\n{snippet}\nvelero-env:\n{printed}"
+    assert "--subject system:serviceaccount:backup:bk-imds-broker-node" in notes
+    docs = node_template(namespace="backup", release="bk")
+    names = {d["metadata"]["name"] for d in docs if d["kind"] in ("DaemonSet", "Secret", "Service", "ServiceAccount")}
+    assert names == {"bk-imds-broker-node"}, names
+    # The sidecar-mode notes are unchanged by the mode switch.
+    assert "webhook installed in namespace" in render_notes(f"image.repository={REPO}", namespace="x", release="y")

@@ -326,8 +326,10 @@ def served_metrics(text):
 
 
 def documented_metrics():
-    """{name: type} from docs/monitoring.md's metric tables (| `name` | type | labels |)."""
-    doc = (ROOT / "docs" / "monitoring.md").read_text()
+    """{name: type} from docs/monitoring.md's metric tables (| `name` | type | labels |) of the
+    two roles run here (serve, webhook): the node broker's own section is left out until this
+    test runs `imds-broker node` too (it needs an API server to list pods from)."""
+    doc = (ROOT / "docs" / "monitoring.md").read_text().split("### Node broker", 1)[0]
     rows = re.findall(r"^\| `(imds_broker_[a-z_]+)` \| (counter|gauge|histogram) \|", doc, re.M)
     assert rows, "no metric table in docs/monitoring.md"
     return dict(rows)

@@ -3,8 +3,9 @@
 - the PodMonitors and PrometheusRules decode strictly into the Prometheus Operator's own Go
   types (monitoringcheck, built from tests/packaging/tools);
 - the rules file passes `promtool check rules`, and prometheusrule.yml holds the same rules;
-- what they select matches the pods: the sidecar's admin port name (src/webhook/patch/sidecar.rs) and
-  the webhook's port and labels (deploy/base), in the PodMonitors and the plain scrape config;
+- what they select matches the pods: the sidecar's admin port name (src/webhook/patch/sidecar.rs),
+  the webhook's port and labels (deploy/base) and node mode's labels and admin port
+  (deploy/node), in the PodMonitors and the plain scrape config;
 - every metric an alert uses is a documented metric (or a kube-state-metrics one).
 """
 
@@ -43,7 +44,7 @@ def webhook_pod():
 def test_promtool_check_rules():
     res = subprocess.run(["promtool", "check", "rules", str(MON / "imds-broker.rules.yml")],
                          capture_output=True, text=True)
-    assert res.returncode == 0 and "SUCCESS: 10 rules found" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "SUCCESS: 13 rules found" in res.stdout, res.stdout + res.stderr
 
 
 def test_promtool_check_catches_a_broken_rule(tmp_path):
@@ -63,18 +64,25 @@ def test_prometheusrule_holds_the_rules_file():
 
 @needs_tools
 def test_operator_objects_decode_strictly(tmp_path):
-    chart = subprocess.run(
-        [str(HELM), "template", "imds-broker", str(ROOT / "charts" / "imds-broker"),
-         "--namespace", "imds-broker", "--set", "image.repository=registry.example/imds-broker",
-         "--set", "monitoring.podMonitor.enabled=true",
-         "--set", "monitoring.prometheusRule.enabled=true"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    (tmp_path / "chart.yaml").write_text(chart)
-    files = [MON / "podmonitor.yml", MON / "prometheusrule.yml", tmp_path / "chart.yaml"]
+    files = [MON / "podmonitor.yml", MON / "prometheusrule.yml"]
+    for mode in ("sidecar", "node"):
+        chart = subprocess.run(
+            [str(HELM), "template", "imds-broker", str(ROOT / "charts" / "imds-broker"),
+             "--namespace", "imds-broker", "--set", "image.repository=registry.example/imds-broker",
+             "--set", f"mode={mode}", "--set", "identity.clientId=c", "--set", "identity.tenantId=t",
+             "--set", "monitoring.podMonitor.enabled=true",
+             "--set", "monitoring.prometheusRule.enabled=true"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        (tmp_path / f"{mode}.yaml").write_text(chart)
+        files.append(tmp_path / f"{mode}.yaml")
     res = subprocess.run([str(CHECK), *map(str, files)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count("ok PodMonitor") == 4 and res.stdout.count("ok PrometheusRule") == 2, res.stdout
+    # deploy/monitoring: 3 PodMonitors, 1 rule; sidecar mode: 2 and 1; node mode: 1 and 1.
+    assert sorted(res.stdout.splitlines()) == sorted(
+        [f"ok PodMonitor imds-broker-{m}" for m in ("sidecar", "webhook", "node")] * 2
+        + ["ok PrometheusRule imds-broker"] * 3
+    ), res.stdout
 
 
 @needs_tools
@@ -86,8 +94,17 @@ def test_operator_check_catches_an_unknown_field(tmp_path):
     assert res.returncode != 0 and "podMetricEndpoints" in res.stderr, res.stderr
 
 
+def node_pod():
+    """deploy/node's broker pod: its labels and the admin port its env sets."""
+    (ds,) = [d for d in load(ROOT / "deploy" / "node" / "daemonset.yaml")]
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    port = int(env["IMDS_BROKER_ADMIN_LISTEN"].rsplit(":", 1)[1])
+    return ds["spec"]["template"]["metadata"]["labels"], port, ds["metadata"]["namespace"]
+
+
 def test_podmonitors_select_the_sidecar_and_the_webhook():
-    sidecar, webhook = load(MON / "podmonitor.yml")
+    sidecar, webhook, node = load(MON / "podmonitor.yml")
     assert sidecar["spec"]["podMetricsEndpoints"][0]["port"] == sidecar_port_name()
     assert sidecar["spec"]["namespaceSelector"]["matchNames"] == ["velero"]
     labels, ports = webhook_pod()
@@ -95,6 +112,14 @@ def test_podmonitors_select_the_sidecar_and_the_webhook():
     assert all(labels.get(k) == v for k, v in sel.items()), (sel, labels)
     port = webhook["spec"]["podMetricsEndpoints"][0]["port"]
     assert ports.get(port) == 8401, f"webhook admin port {port!r}"
+    labels, admin, ns = node_pod()
+    assert node["metadata"]["namespace"] == ns
+    assert all(labels.get(k) == v for k, v in node["spec"]["selector"]["matchLabels"].items())
+    (ep,) = node["spec"]["podMetricsEndpoints"]
+    assert not {"port", "portNumber", "targetPort"} & set(ep), "the node pods declare no port"
+    (address,) = [r for r in ep["relabelings"] if r["targetLabel"] == "__address__"]
+    assert address == {"sourceLabels": ["__meta_kubernetes_pod_ip"], "targetLabel": "__address__",
+                       "replacement": f"${{1}}:{admin}"}
 
 
 def test_plain_scrape_config_keeps_the_right_ports():
@@ -107,7 +132,13 @@ def test_plain_scrape_config_keeps_the_right_ports():
     labels, ports = webhook_pod()
     (k,) = keep("imds-broker-webhook")
     assert re.fullmatch(k["regex"], f"{labels['app.kubernetes.io/component']};admin") and "admin" in ports
-    # Both jobs put namespace and pod on every series: the alerts group by them.
+    labels, admin, ns = node_pod()
+    (k,) = keep("imds-broker-node")
+    assert re.fullmatch(k["regex"], f"{labels['app.kubernetes.io/name']};{labels['app.kubernetes.io/component']}")
+    (address,) = [r for r in jobs["imds-broker-node"]["relabel_configs"] if r.get("target_label") == "__address__"]
+    assert address["replacement"] == f"${{1}}:{admin}"
+    assert jobs["imds-broker-node"]["kubernetes_sd_configs"][0]["namespaces"]["names"] == [ns]
+    # Every job puts namespace and pod on every series: the alerts group by them.
     for job in jobs.values():
         targets = {r.get("target_label") for r in job["relabel_configs"]}
         assert {"namespace", "pod"} <= targets, job["job_name"]
@@ -127,4 +158,17 @@ def test_alerts_use_documented_metrics():
     assert ours <= documented, f"undocumented metrics in alerts: {sorted(ours - documented)}"
     assert {m for m in used if m.startswith("kube_")} <= {
         "kube_deployment_status_replicas_available", "kube_pod_init_container_status_restarts_total",
+        # node mode
+        "kube_pod_info", "kube_pod_status_phase", "kube_pod_status_ready",
+        "kube_daemonset_status_desired_number_scheduled", "kube_pod_container_status_restarts_total",
     }
+
+
+def test_node_alerts_name_no_release():
+    """The node group matches the DaemonSet under any release name: no exact name of a
+    release's object in a matcher."""
+    rules = yaml.safe_load((MON / "imds-broker.rules.yml").read_text())
+    (group,) = [g for g in rules["groups"] if g["name"] == "imds-broker-node"]
+    for rule in group["rules"]:
+        exact = re.findall(r'(?:daemonset|created_by_name|pod|deployment)="([^"]*)"', rule["expr"])
+        assert not exact, f"{rule['alert']}: exact object names {exact}"

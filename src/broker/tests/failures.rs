@@ -174,10 +174,40 @@ async fn during_an_outage_entra_calls_follow_the_backoff_not_the_callers() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_missing_token_file_is_not_ready_and_costs_no_backoff() {
+async fn a_missing_token_file_is_not_ready_and_the_next_caller_waits_out_a_short_backoff() {
     let script = Script::new([Step::Missing]);
     let b = broker(&script);
     let err = get(&b, STORAGE, secs(5)).await.unwrap_err();
     assert!(matches!(err, BrokerError::NotReady(_)), "{err}");
-    assert!(get(&b, STORAGE, secs(5)).await.is_ok(), "retried at once");
+    let started = Instant::now();
+    assert!(
+        get(&b, STORAGE, secs(5)).await.is_ok(),
+        "held, then retried"
+    );
+    assert!(
+        started.elapsed() <= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_malformed_token_file_is_read_again_when_the_backoff_ends() {
+    let script = Script::new([Step::Malformed, Step::Malformed]);
+    let b = broker(&script);
+    let err = get(&b, STORAGE, secs(5)).await.unwrap_err();
+    assert!(matches!(err, BrokerError::BadAssertion(_)), "{err}");
+    // Within the backoff the next caller is held, then the file is read again (still bad).
+    let started = Instant::now();
+    let err = get(&b, ARM, secs(5)).await.unwrap_err();
+    assert!(matches!(err, BrokerError::BadAssertion(_)), "{err}");
+    assert!(
+        started.elapsed() <= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(script.calls(), 2, "one read per backoff step");
+    // Fixed: the caller after the next backoff gets a token.
+    let t = get(&b, ARM, secs(5)).await.unwrap();
+    assert_eq!(&*t.access_token, "token-0");
 }

@@ -15,6 +15,8 @@ enum Step {
     Transient(Option<Duration>),
     Permanent,
     Missing,
+    /// A token file of the wrong shape (configuration, not timing).
+    Malformed,
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -94,6 +96,10 @@ impl Exchanger for Script {
                 path: "/var/run/token".into(),
                 audience: "api://AzureADTokenExchange".into(),
             })),
+            Step::Malformed => Err(ExchangeError::Assertion(AssertionError::Malformed {
+                path: "/var/run/token".into(),
+                reason: "not a JWT".into(),
+            })),
         }
     }
 
@@ -170,3 +176,4 @@ async fn sleep_until_secs(at: u64) {
 mod cache;
 mod failures;
 mod limits;
+mod recovery;

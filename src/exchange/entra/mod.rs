@@ -1,8 +1,11 @@
 //! Entra ID exchange through `azure_identity`'s `ClientAssertionCredential`: the projected
 //! service-account token is the client assertion of the federated credential.
 
+mod transport;
+
 use super::{aadsts, scope_for, ExchangeError, Exchanger, Token};
 use crate::assertion::{now_unix, TokenFile};
+use crate::capped_read;
 use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
 use azure_core::credentials::TokenCredential;
 use azure_core::http::policies::{Policy, PolicyResult};
@@ -12,11 +15,11 @@ use azure_core::http::{
 use azure_identity::{
     ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions,
 };
-use bytes::BytesMut;
-use futures_util::StreamExt;
+use futures_util::FutureExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use transport::{CappedTransport, MAX_RESPONSE_BYTES, TRUNCATED_HEADER};
 
 /// Talks to `{authority}/{tenant}/oauth2/v2.0/token`.
 pub struct EntraExchanger {
@@ -47,6 +50,10 @@ impl EntraExchanger {
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("imds-broker/", env!("CARGO_PKG_VERSION")))
+            // Entra never redirects its token endpoint or discovery document, and following a
+            // 307/308 would re-send the client assertion (the service-account token) to
+            // whatever host the Location names.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(90));
         if let Some(path) = config.ca_file {
             let pem = std::fs::read(path).map_err(|e| {
@@ -81,7 +88,10 @@ impl EntraExchanger {
         Ok(EntraExchanger {
             tenant_id: config.tenant_id.to_owned(),
             cloud: Arc::new(custom.into()),
-            transport: Transport::new(Arc::new(http.clone())),
+            transport: Transport::new(Arc::new(CappedTransport::new(
+                http.clone(),
+                MAX_RESPONSE_BYTES,
+            ))),
             http,
             discovery,
             token_file: config.token_file,
@@ -130,12 +140,35 @@ impl EntraExchanger {
         captured: Option<Captured>,
     ) -> ExchangeError {
         let Some(resp) = captured else {
-            // No HTTP answer: connection refused/reset, timeout, TLS failure.
+            // No HTTP answer (connection refused/reset, timeout, TLS failure), or one the
+            // exchanger refused to use (oversized, absurd lifetime).
             return ExchangeError::Transient {
                 message: error_chain(err),
                 retry_after: None,
             };
         };
+        if let Some(size) = &resp.oversized {
+            // A proxy's or a hostile endpoint's page, not Entra's JSON: say so, keep its wait.
+            return ExchangeError::Transient {
+                message: format!(
+                    "HTTP {} with a body of {size}, connection dropped: not an answer from Entra ID; check --authority-host and any proxy in between",
+                    resp.status
+                ),
+                retry_after: resp.retry_after,
+            };
+        }
+        if (300..400).contains(&resp.status) {
+            return ExchangeError::Permanent {
+                error: format!("http_{}", resp.status),
+                code: String::new(),
+                description: format!(
+                    "the token endpoint answered a redirect (HTTP {}) to {}; redirects are not followed, as they would re-send the service-account token",
+                    resp.status,
+                    resp.location.as_deref().unwrap_or("(no Location)")
+                ),
+                hint: "set --authority-host / AZURE_AUTHORITY_HOST to the authority itself (e.g. https://login.microsoftonline.com), not an address that redirects".into(),
+            };
+        }
         if resp.status == 408 || resp.status == 429 || resp.status >= 500 {
             return ExchangeError::Transient {
                 message: format!("HTTP {}{}", resp.status, summary(&resp.body)),
@@ -146,19 +179,20 @@ impl EntraExchanger {
     }
 }
 
-/// The part of an error response body that is read; the rest is dropped unread.
-const MAX_ERROR_BODY: usize = 64 * 1024;
-
-/// An Entra error response, as received.
+/// An Entra error response, as received (its body already cut by the transport).
 #[derive(Debug, Clone)]
 struct Captured {
     status: u16,
     retry_after: Option<Duration>,
+    /// Where a redirect pointed (it is not followed).
+    location: Option<String>,
+    /// The transport cut the body: how large it was.
+    oversized: Option<String>,
     body: String,
 }
 
-/// Pipeline policy that records the last non-success response of one exchange (buffering its
-/// small body and handing an identical response on to the SDK).
+/// Pipeline policy that records the last non-success response of one exchange, and refuses a
+/// success whose lifetime the SDK cannot hold (see [`check_lifetime`]).
 #[derive(Debug, Default)]
 struct ErrorCapture(Mutex<Option<Captured>>);
 
@@ -177,28 +211,65 @@ impl Policy for ErrorCapture {
         next: &[Arc<dyn Policy>],
     ) -> PolicyResult {
         let resp = next[0].send(ctx, request, &next[1..]).await?;
-        if resp.status().is_success() {
-            return Ok(resp);
+        // The transport has read (and bounded) the body: collecting it costs no I/O.
+        let (status, headers, body) = resp.deconstruct();
+        let bytes = body.collect().await?;
+        if status.is_success() {
+            check_lifetime(&bytes)?;
+            return Ok(AsyncRawResponse::from_bytes(status, headers, bytes));
         }
-        let (status, headers, mut body) = resp.deconstruct();
-        // Capped: an error page from a proxy (or a hostile endpoint) can be any size, and
-        // Entra's own error bodies are well under a KiB or two.
-        let mut buf = BytesMut::new();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            let room = MAX_ERROR_BODY - buf.len();
-            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if buf.len() == MAX_ERROR_BODY {
-                break;
-            }
-        }
-        let bytes = buf.freeze();
+        let header = |name: &'static str| {
+            headers
+                .get_optional_str(&azure_core::http::headers::HeaderName::from_static(name))
+                .map(str::to_owned)
+        };
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Captured {
             status: u16::from(status),
             retry_after: retry_after(&headers),
+            location: header("location").map(|l| l.chars().take(200).collect()),
+            oversized: header(TRUNCATED_HEADER),
             body: String::from_utf8_lossy(&bytes).into_owned(),
         });
         Ok(AsyncRawResponse::from_bytes(status, headers, bytes))
+    }
+}
+
+/// The longest access-token lifetime accepted from Entra. Its tokens live 1–24 h (up to ~28 h
+/// with continuous access evaluation); a larger `expires_in` is a broken or hostile answer,
+/// and past ~10^11 s the SDK's expiry arithmetic panics.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(2 * 24 * 3600);
+
+/// Refuses a token answer whose `expires_in` is not a lifetime between 1 s and
+/// [`MAX_TOKEN_LIFETIME`], before the SDK parses it. An answer without the field is left to
+/// the SDK, which reports it.
+fn check_lifetime(body: &[u8]) -> azure_core::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Lifetime {
+        expires_in: Option<serde_json::Value>,
+    }
+    let Ok(Lifetime {
+        expires_in: Some(value),
+    }) = serde_json::from_slice::<Lifetime>(body)
+    else {
+        return Ok(());
+    };
+    let secs = match &value {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    let max = MAX_TOKEN_LIFETIME.as_secs();
+    match secs {
+        Some(s) if s >= 1 && s.unsigned_abs() <= max => Ok(()),
+        _ => {
+            let shown: String = value.to_string().chars().take(40).collect();
+            Err(azure_core::Error::with_message(
+                azure_core::error::ErrorKind::DataConversion,
+                format!(
+                    "the token answer's expires_in is {shown}, not a lifetime of 1 to {max} seconds: a broken answer, not used"
+                ),
+            ))
+        }
     }
 }
 
@@ -213,7 +284,19 @@ impl Exchanger for EntraExchanger {
         let credential = self.credential(client_id, assertion, capture.clone())?;
         let scope = scope_for(resource);
         let obtained = now_unix();
-        match credential.get_token(&[scope.as_str()], None).await {
+        // A panic inside the SDK (it has had them on odd answers) must reach neither the
+        // caller's connection nor the refresher task: it is one failed exchange.
+        let answer = std::panic::AssertUnwindSafe(credential.get_token(&[scope.as_str()], None))
+            .catch_unwind()
+            .await
+            .map_err(|panic| ExchangeError::Transient {
+                message: format!(
+                    "the Azure SDK failed on Entra's answer ({})",
+                    panic_text(&*panic)
+                ),
+                retry_after: None,
+            })?;
+        match answer {
             Ok(t) => Ok(Token {
                 access_token: Arc::from(t.token.secret()),
                 expires_on: u64::try_from(t.expires_on.unix_timestamp()).unwrap_or(0),
@@ -239,9 +322,12 @@ impl Exchanger for EntraExchanger {
             .await
             .map_err(|e| format!("{}: {}", self.discovery, error_chain(&e)))?;
         let status = resp.status().as_u16();
-        // Read to the end, or the connection is closed instead of pooled.
-        let _ = resp.bytes().await;
-        Ok(format!("{} answered HTTP {status}", self.discovery))
+        // Read to the end, or the connection is closed instead of pooled; bounded, as the
+        // authority (or a proxy) sizes it. The real document is about 2 KiB.
+        match capped_read::body(resp, MAX_RESPONSE_BYTES).await {
+            Ok(_) => Ok(format!("{} answered HTTP {status}", self.discovery)),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 
@@ -263,14 +349,8 @@ impl ClientAssertion for FixedAssertion {
 }
 
 fn url_checked(host: &str) -> anyhow::Result<String> {
-    let trimmed = host.trim_end_matches('/');
-    match trimmed.split_once("://") {
-        Some(("https", rest)) if !rest.is_empty() => Ok(trimmed.to_owned()),
-        _ => anyhow::bail!(
-            "--authority-host / AZURE_AUTHORITY_HOST {host:?} must be an https:// URL, e.g. \
-             https://login.microsoftonline.com"
-        ),
-    }
+    crate::authority::authority_url(host)
+        .map_err(|e| anyhow::anyhow!("--authority-host / AZURE_AUTHORITY_HOST {e}"))
 }
 
 fn retry_after(headers: &azure_core::http::headers::Headers) -> Option<Duration> {
@@ -290,8 +370,10 @@ fn retry_after(headers: &azure_core::http::headers::Headers) -> Option<Duration>
 /// `Retry-After` is delta-seconds or an HTTP date (a date in the past is no wait).
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    // delta-seconds is 1*DIGIT (RFC 9110): no sign, which `u64::from_str` would take.
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // More digits than a u64 holds is no wait anyone meant: ignored, the backoff applies.
+        return value.parse::<u64>().ok().map(Duration::from_secs);
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(
@@ -359,6 +441,15 @@ fn summary(body: &str) -> String {
         let cut: String = b.chars().take(200).collect();
         format!(": {cut}")
     }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into());
+    text.chars().take(200).collect()
 }
 
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

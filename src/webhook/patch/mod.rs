@@ -9,23 +9,24 @@
 //!   pod-level `runAsUser: 0`;
 //! - a projected service-account token volume, mounted only into the sidecar;
 //! - `IDENTITY_ENDPOINT` / `IDENTITY_HEADER` into every app container (`spec.containers`) that
-//!   does not set `IDENTITY_ENDPOINT` itself (other init containers are left alone: they run
-//!   before the app and are usually infrastructure — mesh or volume setup — that should not be
-//!   handed a credential);
+//!   does not set both itself ([`app_env`]: the two come as a pair, from the container or from
+//!   the webhook; other init containers are left alone: they run before the app and are
+//!   usually infrastructure — mesh or volume setup — that should not be handed a credential);
 //! - the annotation [`INJECTED_ANNOTATION`] as a marker for humans and tooling.
 
+mod app_env;
 mod pod;
 mod sidecar;
 
+pub use app_env::warnings as app_env_warnings;
 pub use pod::{is_host_network, is_injected, is_opted_out, is_windows, token_expiration};
 pub use sidecar::{sidecar_container, token_volume};
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 use serde_json::Value;
-use sidecar::env;
 use std::collections::BTreeMap;
 
 /// Name of the injected sidecar container; its presence marks a pod as already injected.
@@ -161,7 +162,12 @@ pub fn build_patch(pod: &Pod, config: &SidecarConfig, inj: &Injection<'_>) -> Ve
         Some(_) => ops.push(add(&["spec", "initContainers", "0"], sidecar)),
     }
 
-    ops.extend(app_env_ops(&spec.containers, config, inj.identity_header));
+    let endpoint = config.identity_endpoint();
+    ops.extend(app_env::ops(
+        &spec.containers,
+        &endpoint,
+        inj.identity_header,
+    ));
     ops
 }
 
@@ -182,43 +188,9 @@ pub fn late_container_patch(pod: &Pod, config: &SidecarConfig) -> Vec<PatchOpera
         .and_then(|c| c.env.iter().flatten().find(|e| e.name == "IDENTITY_HEADER"))
         .and_then(|e| e.value.as_deref());
     match header {
-        Some(header) => app_env_ops(&spec.containers, config, header),
+        Some(header) => app_env::ops(&spec.containers, &config.identity_endpoint(), header),
         None => Vec::new(),
     }
-}
-
-/// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` for every app container that does not configure
-/// its own endpoint (it keeps its own header too, if it sets one).
-fn app_env_ops(
-    containers: &[Container],
-    config: &SidecarConfig,
-    header: &str,
-) -> Vec<PatchOperation> {
-    let endpoint = config.identity_endpoint();
-    let mut ops = Vec::new();
-    for (i, container) in containers.iter().enumerate() {
-        if container.name == SIDECAR_NAME || sets_env(container, "IDENTITY_ENDPOINT") {
-            continue;
-        }
-        let index = i.to_string();
-        let mut vars = vec![env("IDENTITY_ENDPOINT", &endpoint)];
-        if !sets_env(container, "IDENTITY_HEADER") {
-            vars.push(env("IDENTITY_HEADER", header));
-        }
-        match &container.env {
-            None => ops.push(add(&["spec", "containers", &index, "env"], vars)),
-            Some(_) => {
-                for var in vars {
-                    ops.push(add(&["spec", "containers", &index, "env", "-"], var));
-                }
-            }
-        }
-    }
-    ops
-}
-
-fn sets_env(container: &Container, name: &str) -> bool {
-    container.env.iter().flatten().any(|e| e.name == name)
 }
 
 /// An `add` operation; the path tokens are escaped per RFC 6901 (`/` → `~1`, `~` → `~0`).

@@ -57,11 +57,22 @@ fn annotation_keys_are_escaped_and_missing_arrays_created_whole() {
     assert!(build_patch(&again, &SidecarConfig::default(), &inj).is_empty());
 }
 
+/// The two variables come as a pair, from the container's own `env` or from the webhook;
+/// never half of each (a container's own header with the sidecar's endpoint answered 401 on
+/// every call).
 #[test]
-fn containers_with_their_own_endpoint_are_left_alone() {
+fn app_containers_get_the_identity_pair_whole_from_one_place() {
     let p = pod(json!({"spec": {"containers": [
-        {"name": "own", "env": [{"name": "IDENTITY_ENDPOINT", "value": "http://x"}]},
-        {"name": "hdr", "env": [{"name": "IDENTITY_HEADER", "value": "mine"}]}
+        {"name": "own", "env": [
+            {"name": "IDENTITY_ENDPOINT", "value": "http://x"},
+            {"name": "IDENTITY_HEADER", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+        {"name": "header-only", "env": [{"name": "A", "value": "1"},
+            {"name": "IDENTITY_HEADER", "value": "mine"}]},
+        {"name": "endpoint-only", "env": [{"name": "IDENTITY_ENDPOINT", "value": "http://arc"}]},
+        {"name": "plain"},
+        {"name": "from-config-map", "envFrom": [{"configMapRef": {"name": "node-agent-env"}}]},
+        {"name": "prefixed", "envFrom": [{"prefix": "APP_", "secretRef": {"name": "app"}}]},
+        {"name": "identity-prefixed", "envFrom": [{"prefix": "IDENTITY_", "secretRef": {"name": "id"}}]}
     ]}}));
     let id = identity();
     let inj = Injection {
@@ -69,17 +80,52 @@ fn containers_with_their_own_endpoint_are_left_alone() {
         identity_header: "h",
         token_expiration_seconds: 3600,
     };
-    let doc = apply(&p, &build_patch(&p, &SidecarConfig::default(), &inj));
-    assert_eq!(
-        doc["spec"]["containers"][0]["env"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
+    let config = SidecarConfig::default();
+    let doc = apply(&p, &build_patch(&p, &config, &inj));
+    let pair = |i: usize| {
+        let env = doc["spec"]["containers"][i]["env"].as_array().unwrap();
+        let only = |name: &str| {
+            let set: Vec<&Value> = env.iter().filter(|e| e["name"] == name).collect();
+            assert_eq!(set.len(), 1, "{name} in {env:?}");
+            set[0].clone()
+        };
+        (only("IDENTITY_ENDPOINT"), only("IDENTITY_HEADER"))
+    };
+    let ours = (
+        json!({"name": "IDENTITY_ENDPOINT", "value": "http://127.0.0.1:8400/msi/token"}),
+        json!({"name": "IDENTITY_HEADER", "value": "h"}),
     );
-    let env1 = doc["spec"]["containers"][1]["env"].as_array().unwrap();
-    assert_eq!(env1.len(), 2);
-    assert_eq!(env1[1]["name"], "IDENTITY_ENDPOINT");
+    // Its own complete pair: untouched, whatever the source of its values.
+    assert_eq!(
+        doc["spec"]["containers"][0],
+        serde_json::to_value(&p.spec.as_ref().unwrap().containers[0]).unwrap()
+    );
+    for i in 1..7 {
+        assert_eq!(pair(i), ours, "container {i}");
+    }
+    // The other variables stay, in order.
+    assert_eq!(
+        doc["spec"]["containers"][1]["env"][0],
+        json!({"name": "A", "value": "1"})
+    );
+
+    let warnings = app_env_warnings(&p.spec.unwrap().containers);
+    assert_eq!(warnings.len(), 4, "{warnings:#?}");
+    assert!(warnings[0]
+        .contains("container header-only sets IDENTITY_HEADER without IDENTITY_ENDPOINT"));
+    assert!(warnings[1]
+        .contains("container endpoint-only sets IDENTITY_ENDPOINT without IDENTITY_HEADER"));
+    assert!(warnings[2].contains("container from-config-map takes environment variables from ConfigMap node-agent-env (envFrom)"));
+    assert!(warnings[3]
+        .contains("container identity-prefixed takes environment variables from Secret id"));
+    assert!(warnings
+        .iter()
+        .all(|w| w.contains("set both in the container's env")));
+
+    // Re-invocation: every container now has a pair; nothing to add and nothing to warn.
+    let again: Pod = serde_json::from_value(doc).unwrap();
+    assert!(late_container_patch(&again, &config).is_empty());
+    assert!(app_env_warnings(&again.spec.unwrap().containers).is_empty());
 }
 
 #[test]

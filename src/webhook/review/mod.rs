@@ -4,9 +4,10 @@
 //! The review types are declared here (k8s-openapi has no admission types); only the fields
 //! the webhook reads or writes are modelled.
 
-use super::identity::{IdentitySource, PartialIdentity};
+use super::identity::{IdentitySource, PartialIdentity, TENANT_ID_ANNOTATION};
 use super::metrics::Outcome;
 use super::patch::{self, Injection, SidecarConfig};
+use crate::excerpt::excerpt;
 use base64::Engine;
 use json_patch::PatchOperation;
 use k8s_openapi::api::core::v1::Pod;
@@ -239,8 +240,15 @@ impl Reviewer {
         } else if patch::is_opted_out(pod) {
             Some(Decision::admit(Outcome::OptedOut))
         } else if patch::is_injected(pod) {
+            let patch = patch::late_container_patch(pod, &self.config.sidecar);
             Some(Decision {
-                patch: patch::late_container_patch(pod, &self.config.sidecar),
+                // Only containers that lack a pair get one, so only theirs are warned about.
+                warnings: if patch.is_empty() {
+                    Vec::new()
+                } else {
+                    app_env_warnings(pod)
+                },
+                patch,
                 ..Decision::admit(Outcome::AlreadyInjected)
             })
         } else if patch::is_windows(pod) {
@@ -263,6 +271,18 @@ impl Reviewer {
                 )))
             }
         };
+        // The webhook's own flags were checked at start-up; an annotation is checked here,
+        // with the sidecar's own check: injected, a value it refuses would crash-loop it in
+        // every pod of this ServiceAccount while the app containers wait for it.
+        if let Some(tenant) = &found.tenant_id {
+            if let Err(e) = crate::authority::check_tenant(tenant) {
+                return Ok(Decision::deny(format!(
+                    "imds-broker: ServiceAccount {namespace}/{account}: annotation \
+                     {TENANT_ID_ANNOTATION} {e}; the broker sidecar would refuse to start with \
+                     it, so the pod is refused: fix the annotation"
+                )));
+            }
+        }
         let Some(identity) = found.or(&self.config.fallback).complete() else {
             return Ok(Decision::warn(
                 Outcome::NoIdentity,
@@ -289,12 +309,22 @@ impl Reviewer {
             identity_header: &header,
             token_expiration_seconds: expiration,
         };
+        warnings.extend(app_env_warnings(pod));
         Ok(Decision {
             patch: patch::build_patch(pod, &self.config.sidecar, &injection),
             warnings,
             ..Decision::admit(Outcome::Mutated)
         })
     }
+}
+
+/// What the user is told about the app containers' own `IDENTITY_*` settings the injected
+/// pair replaces.
+fn app_env_warnings(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .as_ref()
+        .map(|spec| patch::app_env_warnings(&spec.containers))
+        .unwrap_or_default()
 }
 
 /// One log line per pod; skipped pods only at debug level. Never logs the patch (it carries
@@ -336,18 +366,20 @@ pub fn service_account_name(pod: &Pod) -> String {
 
 /// Parses and checks the envelope of an AdmissionReview.
 pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
-    let review: AdmissionReview =
-        serde_json::from_slice(body).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
+    // Refusals are logged and answered: they quote the body only in part (serde's errors
+    // quote a string value whole).
+    let review: AdmissionReview = serde_json::from_slice(body)
+        .map_err(|e| malformed(format!("invalid JSON: {}", excerpt(&e.to_string(), 300))))?;
     if review.api_version.as_deref() != Some(API_VERSION) {
         return Err(malformed(format!(
             "apiVersion must be {API_VERSION}, got {:?}",
-            review.api_version.unwrap_or_default()
+            excerpt(&review.api_version.unwrap_or_default(), 64)
         )));
     }
     if review.kind.as_deref() != Some(KIND) {
         return Err(malformed(format!(
             "kind must be {KIND}, got {:?}",
-            review.kind.unwrap_or_default()
+            excerpt(&review.kind.unwrap_or_default(), 64)
         )));
     }
     let request = review

@@ -9,6 +9,11 @@
 //	velero-v1.18 maintenance-job KUBECONFIG REPO VOLUME_NS BSL
 //	    creates a BackupRepository REPO and runs maintenance.StartNewJob (the repository
 //	    maintenance Job; the Job controller then creates its pod); prints {"job": "<name>"}
+//	velero-v1.18 expose-pvb KUBECONFIG NAME CLIENT_NS CLIENT_POD VOLUME
+//	    creates a PodVolumeBackup NAME for VOLUME of the (node-bound) pod CLIENT_NS/CLIENT_POD
+//	    and runs the pod-volume exposer's Expose for it (the file-system backup pod, 1.17+);
+//	    prints {"pod": "<name>"}. Expose finds the volume under /host_pods/<pod UID>/volumes/
+//	    on the machine it runs on, as the node-agent does through its host-pods mount.
 package main
 
 import (
@@ -44,7 +49,7 @@ const veleroNamespace = "velero"
 
 func main() {
 	if len(os.Args) < 2 {
-		fail(fmt.Errorf("usage: %s velero|expose-restore|maintenance-job ...", filepath.Base(os.Args[0])))
+		fail(fmt.Errorf("usage: %s velero|expose-restore|maintenance-job|expose-pvb ...", filepath.Base(os.Args[0])))
 	}
 	switch os.Args[1] {
 	case "velero":
@@ -57,6 +62,9 @@ func main() {
 	case "maintenance-job":
 		need(6)
 		fail(maintenanceJob(os.Args[2], os.Args[3], os.Args[4], os.Args[5]))
+	case "expose-pvb":
+		need(7)
+		fail(exposePodVolumeBackup(os.Args[2], os.Args[3], os.Args[4], os.Args[5], os.Args[6]))
 	default:
 		fail(fmt.Errorf("unknown command %q", os.Args[1]))
 	}
@@ -139,24 +147,8 @@ func exposeRestore(kubeconfig, name, targetNS, targetPVC string) error {
 	dd.TypeMeta = metav1.TypeMeta{APIVersion: velerov2alpha1api.SchemeGroupVersion.String(), Kind: "DataDownload"}
 
 	nodeOS := kube.NodeOSLinux
-	labels := map[string]string{velerov1api.DataDownloadLabel: dd.Name}
-	for _, k := range util.ThirdPartyLabels {
-		if v, err := nodeagent.GetLabelValue(ctx, kubeClient, dd.Namespace, k, nodeOS); err == nil {
-			labels[k] = v
-		}
-	}
-	annotations := map[string]string{}
-	for _, k := range util.ThirdPartyAnnotations {
-		if v, err := nodeagent.GetAnnotationValue(ctx, kubeClient, dd.Namespace, k, nodeOS); err == nil {
-			annotations[k] = v
-		}
-	}
-	tolerations := []corev1api.Toleration{}
-	for _, k := range util.ThirdPartyTolerations {
-		if v, err := nodeagent.GetToleration(ctx, kubeClient, dd.Namespace, k, nodeOS); err == nil {
-			tolerations = append(tolerations, *v)
-		}
-	}
+	labels, annotations, tolerations := thirdPartyPodMeta(ctx, kubeClient, dd.Namespace, nodeOS,
+		velerov1api.DataDownloadLabel, dd.Name)
 	param := exposer.GenericRestoreExposeParam{
 		TargetPVCName:         dd.Spec.TargetVolume.PVC,
 		TargetNamespace:       dd.Spec.TargetVolume.Namespace,
@@ -175,6 +167,95 @@ func exposeRestore(kubeconfig, name, targetNS, targetPVC string) error {
 	}
 	// The restore pod is named after its owner (generic_restore.go createRestorePod).
 	return printJSON(map[string]string{"pod": dd.Name})
+}
+
+// thirdPartyPodMeta builds a hosting pod's labels, annotations and tolerations as the data-mover
+// and pod-volume controllers' setupExposeParam do with the default node-agent config (no
+// podLabels/podAnnotations): the pod's own label plus the third-party whitelist copied from the
+// node-agent DaemonSet.
+func thirdPartyPodMeta(ctx context.Context, kubeClient kubernetes.Interface, ns, nodeOS, ownLabel, owner string) (
+	map[string]string, map[string]string, []corev1api.Toleration) {
+	labels := map[string]string{ownLabel: owner}
+	for _, k := range util.ThirdPartyLabels {
+		if v, err := nodeagent.GetLabelValue(ctx, kubeClient, ns, k, nodeOS); err == nil {
+			labels[k] = v
+		}
+	}
+	annotations := map[string]string{}
+	for _, k := range util.ThirdPartyAnnotations {
+		if v, err := nodeagent.GetAnnotationValue(ctx, kubeClient, ns, k, nodeOS); err == nil {
+			annotations[k] = v
+		}
+	}
+	tolerations := []corev1api.Toleration{}
+	for _, k := range util.ThirdPartyTolerations {
+		if v, err := nodeagent.GetToleration(ctx, kubeClient, ns, k, nodeOS); err == nil {
+			tolerations = append(tolerations, *v)
+		}
+	}
+	return labels, annotations, tolerations
+}
+
+// exposePodVolumeBackup does what the node-agent's PodVolumeBackup controller does when it
+// accepts a PodVolumeBackup (1.17+: file-system backup in its own pod): setupExposeParam with
+// the default node-agent config (not privileged, the server's default resource timeout), then
+// the pod-volume exposer's Expose, which finds the volume on the host and creates the pod.
+func exposePodVolumeBackup(kubeconfig, name, clientNS, clientPod, volume string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	kubeClient, crClient, err := clients(kubeconfig)
+	if err != nil {
+		return err
+	}
+	pod, err := kubeClient.CoreV1().Pods(clientNS).Get(ctx, clientPod, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("get client pod %s/%s: %w", clientNS, clientPod, err)
+	}
+	pvb := &velerov1api.PodVolumeBackup{
+		ObjectMeta: metav1.ObjectMeta{Namespace: veleroNamespace, Name: name},
+		Spec: velerov1api.PodVolumeBackupSpec{
+			Node: pod.Spec.NodeName,
+			Pod: corev1api.ObjectReference{
+				Kind: "Pod", Namespace: clientNS, Name: clientPod, UID: pod.UID,
+			},
+			Volume:                volume,
+			BackupStorageLocation: "default",
+			RepoIdentifier:        "azure:velero/restic/" + clientNS,
+			UploaderType:          "kopia",
+		},
+	}
+	if err := crClient.Create(ctx, pvb); err != nil {
+		return fmt.Errorf("create PodVolumeBackup: %w", err)
+	}
+	if err := crClient.Get(ctx, client.ObjectKeyFromObject(pvb), pvb); err != nil {
+		return err
+	}
+	nodeOS, err := kube.GetNodeOS(ctx, pvb.Spec.Node, kubeClient.CoreV1())
+	if err != nil {
+		return fmt.Errorf("node OS of %s: %w", pvb.Spec.Node, err)
+	}
+	labels, annotations, tolerations := thirdPartyPodMeta(ctx, kubeClient, pvb.Namespace, nodeOS,
+		velerov1api.PVBLabel, pvb.Name)
+	param := exposer.PodVolumeExposeParam{
+		Type:                  exposer.PodVolumeExposeTypeBackup,
+		ClientNamespace:       pvb.Spec.Pod.Namespace,
+		ClientPodName:         pvb.Spec.Pod.Name,
+		ClientPodVolume:       pvb.Spec.Volume,
+		HostingPodLabels:      labels,
+		HostingPodAnnotations: annotations,
+		HostingPodTolerations: tolerations,
+		OperationTimeout:      10 * time.Minute,
+	}
+	// getPVBOwnerObject
+	owner := corev1api.ObjectReference{
+		Kind: "PodVolumeBackup", Namespace: pvb.Namespace, Name: pvb.Name, UID: pvb.UID,
+		APIVersion: velerov1api.SchemeGroupVersion.String(),
+	}
+	if err := exposer.NewPodVolumeExposer(kubeClient, logger()).Expose(ctx, owner, param); err != nil {
+		return fmt.Errorf("Expose: %w", err)
+	}
+	// The hosting pod is named after its owner (pod_volume.go createHostingPod).
+	return printJSON(map[string]string{"pod": pvb.Name})
 }
 
 // maintenanceJob does what the BackupRepository controller does when maintenance is due.

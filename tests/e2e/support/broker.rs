@@ -1,10 +1,10 @@
-//! Runs the real `imds-broker serve` binary for end-to-end tests: ephemeral ports (read back
+//! Runs the real `imds-broker serve` (or `node`) binary for end-to-end tests: ephemeral ports (read back
 //! from the broker's "listening" log line, so there is no port race), captured JSON logs, and
 //! helpers for both protocols.
 
 use super::BIN;
 use serde_json::Value;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
@@ -18,6 +18,8 @@ pub const IDENTITY_HEADER: &str = "test-identity-header-5ecr3t";
 
 /// Builder for a broker process.
 pub struct BrokerBuilder {
+    /// `serve`, or `node`.
+    subcommand: &'static str,
     args: Vec<String>,
     env: Vec<(String, String)>,
     identity_header: Option<String>,
@@ -30,6 +32,7 @@ impl BrokerBuilder {
     /// A broker on the built-in emulator.
     pub fn emulate() -> Self {
         BrokerBuilder {
+            subcommand: "serve",
             args: vec!["--emulate".into()],
             env: Vec::new(),
             identity_header: Some(IDENTITY_HEADER.into()),
@@ -57,6 +60,7 @@ impl BrokerBuilder {
             .map(String::from),
         );
         BrokerBuilder {
+            subcommand: "serve",
             args,
             env: Vec::new(),
             identity_header: Some(IDENTITY_HEADER.into()),
@@ -64,6 +68,14 @@ impl BrokerBuilder {
             soft_open_files: None,
             token_listeners: 1,
         }
+    }
+
+    /// `imds-broker node` for the pods of `node_name`, watched through the API server that
+    /// `kubeconfig` names, instead of `serve`.
+    pub fn node(mut self, kubeconfig: &Path, node_name: &str) -> Self {
+        self.subcommand = "node";
+        self.env("KUBECONFIG", kubeconfig.display().to_string())
+            .set("--node-name", node_name)
     }
 
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
@@ -121,8 +133,18 @@ impl BrokerBuilder {
             None => Command::new(BIN),
         };
         let listen = vec!["127.0.0.1:0"; self.token_listeners].join(",");
-        cmd.arg("serve")
-            .args(["--listen", &listen, "--admin-listen", "127.0.0.1:0"])
+        let listen = match self.args.iter().position(|a| a == "--listen") {
+            // The test's own address (e.g. a port another broker listens on too).
+            Some(_) => Vec::new(),
+            None => vec!["--listen".to_owned(), listen],
+        };
+        let admin = match self.args.iter().position(|a| a == "--admin-listen") {
+            Some(_) => Vec::new(),
+            None => vec!["--admin-listen".to_owned(), "127.0.0.1:0".to_owned()],
+        };
+        cmd.arg(self.subcommand)
+            .args(listen)
+            .args(admin)
             .args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -227,6 +249,33 @@ impl Broker {
             .await
     }
 
+    /// App Service request with the right identity header, from a connection whose source
+    /// address is `source` (any 127.x.y.z: Linux routes all of 127/8 to `lo`).
+    pub async fn app_service_from(&self, source: IpAddr, query: &str) -> Reply {
+        let h = self.identity_header.clone().expect("identity header set");
+        self.get_from(
+            source,
+            &self.app_service_url(query),
+            &[("X-IDENTITY-HEADER", &h)],
+        )
+        .await
+    }
+
+    /// A GET from a connection whose source address is `source`.
+    pub async fn get_from(&self, source: IpAddr, url: &str, headers: &[(&str, &str)]) -> Reply {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .local_address(source)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let mut req = client.get(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        reply(req.send().await.expect("request to broker")).await
+    }
+
     pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
         let mut req = self.http.get(url);
         for (k, v) in headers {
@@ -267,6 +316,21 @@ impl Broker {
     pub async fn expect_log(&mut self, needle: &str) {
         if !self.wait_log(needle, Duration::from_secs(10)).await {
             panic!("no log line with {needle:?}; logs:\n{}", self.logs());
+        }
+    }
+
+    /// Waits up to 10 s for a log line containing every one of `needles`; fails the test with
+    /// the logs otherwise.
+    pub async fn expect_log_with(&mut self, needles: &[&str]) {
+        let found = self
+            .process
+            .wait_for_line(
+                |l| needles.iter().all(|n| l.contains(n)),
+                Duration::from_secs(10),
+            )
+            .await;
+        if found.is_none() {
+            panic!("no log line with {needles:?}; logs:\n{}", self.logs());
         }
     }
 

@@ -6,7 +6,15 @@
 //! Deployment, …) have their pod template mutated, which is what the webhook will see when
 //! their pods are created. Each object's outcome goes to stderr; the manifests go to stdout in
 //! the input's format (YAML or JSON).
+//!
+//! It takes the webhook's flags and env, or reads them from the webhook's Deployment
+//! ([`webhook_deployment`]). What it still lacks to print a pod — the sidecar image, an
+//! identity where no API server can be asked for ServiceAccount annotations — is filled with
+//! clearly marked placeholders, each announced on stderr.
 
+mod webhook_deployment;
+
+use crate::webhook::identity::{ApiConfig, PartialIdentity};
 use crate::webhook::metrics::Outcome;
 use crate::webhook::review::{AdmissionRequest, GroupVersionKind, Reviewer};
 use crate::webhook::{review, WebhookArgs};
@@ -14,11 +22,19 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::Value;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Largest manifest read: the API server's own request limit is 3 MiB.
 const MAX_INPUT: u64 = 4 * 1024 * 1024;
+
+/// The sidecar image shown when none is given. `.invalid` never resolves (RFC 2606): a printed
+/// pod applied as it is fails to pull instead of running something else.
+pub const PLACEHOLDER_IMAGE: &str = "sidecar-image-not-set.invalid/imds-broker:placeholder";
+/// The identity shown when there is neither one from the flags nor an API server to read the
+/// ServiceAccount's annotations from (the tenant passes the sidecar's check: a domain).
+pub const PLACEHOLDER_CLIENT_ID: &str = "client-id-not-set";
+pub const PLACEHOLDER_TENANT_ID: &str = "tenant-id-not-set.invalid";
 
 #[derive(Debug, Clone, Args)]
 pub struct InjectArgs {
@@ -31,12 +47,23 @@ pub struct InjectArgs {
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
 
+    /// The webhook's Deployment (`kubectl get deployment -o yaml`, `helm template`, `kustomize
+    /// build` output): its container's env and flags are used as the webhook settings, under
+    /// any given here.
+    #[arg(long, value_name = "FILE")]
+    pub webhook_deployment: Option<PathBuf>,
+
     /// The webhook's own flags and env: the same policy as the deployed webhook.
     #[command(flatten)]
     pub webhook: WebhookArgs,
 }
 
 pub async fn run(args: InjectArgs) -> anyhow::Result<()> {
+    let mut args = match &args.webhook_deployment {
+        Some(file) => webhook_deployment::apply(file, std::env::args_os().collect())?,
+        None => args,
+    };
+    fill_placeholders(&mut args.webhook);
     let text = read_input(&args.file)?;
     let config = args.webhook.webhook_config()?;
     let labels = config.match_labels.join(", ");
@@ -45,13 +72,8 @@ pub async fn run(args: InjectArgs) -> anyhow::Result<()> {
         args.webhook.identity_source()?,
         Arc::new(review::random_identity_header),
     );
-    let json = text.trim_start().starts_with(['{', '[']);
-    let mut docs = parse(&text, json)?;
-    let mut refused = 0;
-    for doc in &mut docs {
-        refused += inject_object(&reviewer, doc, &args.namespace, &labels).await?;
-    }
-    print!("{}", render(&docs, json)?);
+    let (out, refused) = inject_text(&reviewer, &text, &args.namespace, &labels).await?;
+    print!("{out}");
     anyhow::ensure!(
         refused == 0,
         "the webhook would refuse {refused} pod(s) (see above)"
@@ -59,7 +81,58 @@ pub async fn run(args: InjectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_input(file: &PathBuf) -> anyhow::Result<String> {
+/// The manifests in `text` (YAML or JSON) as the webhook would admit them, in the input's
+/// format, and how many pods it would refuse.
+pub(crate) async fn inject_text(
+    reviewer: &Reviewer,
+    text: &str,
+    namespace: &str,
+    labels: &str,
+) -> anyhow::Result<(String, usize)> {
+    let json = text.trim_start().starts_with(['{', '[']);
+    let mut docs = parse(text, json)?;
+    let mut refused = 0;
+    for doc in &mut docs {
+        refused += inject_object(reviewer, doc, namespace, labels).await?;
+    }
+    Ok((render(&docs, json)?, refused))
+}
+
+/// What a newcomer without the webhook's settings lacks to see a pod injected, filled with
+/// marked placeholders, each announced on stderr.
+fn fill_placeholders(webhook: &mut WebhookArgs) {
+    if webhook
+        .sidecar_image
+        .as_deref()
+        .is_none_or(|i| i.trim().is_empty())
+    {
+        eprintln!(
+            "note: no sidecar image given (--sidecar-image, IMDS_BROKER_WEBHOOK_SIDECAR_IMAGE \
+             or --webhook-deployment): the sidecar is shown with the placeholder image \
+             {PLACEHOLDER_IMAGE}; the webhook injects its own image"
+        );
+        webhook.sidecar_image = Some(PLACEHOLDER_IMAGE.into());
+    }
+    // Only when no API server can be asked: with one (or with --kube-api-url none) the
+    // outcome is the webhook's own, "no identity" included.
+    let no_api_server =
+        webhook.kube_api_url.is_none() && ApiConfig::in_cluster(webhook.kube_api_timeout).is_none();
+    let given = PartialIdentity::new(webhook.client_id.as_deref(), webhook.tenant_id.as_deref());
+    if no_api_server && given.complete().is_none() {
+        eprintln!(
+            "note: no API server here to read the pod's ServiceAccount annotations from, and no \
+             --client-id/--tenant-id: the sidecar is shown with the placeholder IDs \
+             {PLACEHOLDER_CLIENT_ID} / {PLACEHOLDER_TENANT_ID}; the webhook takes them from the \
+             ServiceAccount's azure.workload.identity/client-id and tenant-id annotations \
+             (give them as --client-id/--tenant-id, or --kube-api-url, to see them here)"
+        );
+        let fill = |v: Option<String>, placeholder: &str| Some(v.unwrap_or(placeholder.into()));
+        webhook.client_id = fill(given.client_id, PLACEHOLDER_CLIENT_ID);
+        webhook.tenant_id = fill(given.tenant_id, PLACEHOLDER_TENANT_ID);
+    }
+}
+
+fn read_input(file: &Path) -> anyhow::Result<String> {
     let mut text = String::new();
     let name = file.display().to_string();
     let read = if name == "-" {
@@ -115,6 +188,8 @@ fn render(docs: &[Value], json: bool) -> anyhow::Result<String> {
     Ok(yaml.join("---\n"))
 }
 
+const CRONJOB_TEMPLATE: &str = "/spec/jobTemplate/spec/template";
+
 /// Mutates one object (and a List's items) in place; returns how many pods would be refused.
 async fn inject_object(
     reviewer: &Reviewer,
@@ -144,7 +219,10 @@ async fn inject_object(
     let what = format!("{kind} {namespace}/{name}");
     let template = match kind.as_str() {
         "Pod" => None,
-        "CronJob" => Some("/spec/jobTemplate/spec/template"),
+        // The template is written back below, which needs an object there.
+        "CronJob" if doc.pointer(CRONJOB_TEMPLATE).is_some_and(Value::is_object) => {
+            Some(CRONJOB_TEMPLATE)
+        }
         _ if doc.pointer("/spec/template/spec").is_some() => Some("/spec/template"),
         _ => {
             eprintln!("{what}: not a pod or a workload with a pod template; left as is");
