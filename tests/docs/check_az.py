@@ -13,8 +13,21 @@ calling Azure:
   - positional words only where the command has positionals,
   - literal values of options with fixed choices (e.g. -o tsv) are among them,
   - every required argument is there (for resource commands: the names, or --ids).
-Global arguments (--query, -o/--output, --subscription, --only-show-errors, --debug, --verbose,
--h/--help) are valid everywhere.
+Global arguments (--query, -o/--output, --only-show-errors, --debug, --verbose, -h/--help) are
+valid everywhere because az's parser gives every command them (through its parent parser), so
+they are found among the command's options. --subscription is not global: az adds it only to
+commands that use a subscription, and rejects it elsewhere (`az account list --subscription x`:
+"unrecognized arguments"), so it is checked per command like any option.
+
+Not checked: what az's validators check after parsing (option combinations, value formats),
+values held in variables or command substitutions, extension commands (reported as unknown),
+`az` in prose or inline code, and commands in comments. Abbreviated options are refused though
+argparse would accept them: the guide spells options out.
+
+Blocks are read as a shell reads them, as far as the guide needs: quotes, `\\` continuations,
+comments, several commands per line (`;`, `&&`, `||`, `|`), `VAR=$(az ...)` and nested
+`$(...)`/backticks (each substitution's commands are checked too, at their own line),
+redirections, heredoc bodies skipped.
 
 Prints `file:line: az <command>: OK` or the problems, one line per command; exits 1 on any
 problem, 2 on a usage error.
@@ -28,17 +41,6 @@ from dataclasses import dataclass, field
 
 SHELL_LANGS = {"sh", "bash", "shell", "zsh"}
 CONSOLE_LANGS = {"console", "shell-session"}
-
-# Valid on every command, whatever its parser says; (option strings, number of values).
-GLOBAL_ARGS = [
-    (("--query",), 1),
-    (("--output", "-o"), 1),
-    (("--subscription",), 1),
-    (("--only-show-errors",), 0),
-    (("--debug",), 0),
-    (("--verbose",), 0),
-    (("--help", "-h"), 0),
-]
 
 # Words that may stand before the command itself.
 PREFIX_WORDS = {"if", "then", "else", "elif", "do", "while", "until", "!", "time", "sudo",
@@ -334,7 +336,7 @@ class AzureCli:
     def __init__(self):
         import azure.cli.core  # noqa: F401  (fail early with the import error)
         self.specs = {}
-        self.groups = {}
+        self.resolved = {}
 
     def _new_invocation(self):
         from azure.cli.core import get_default_cli
@@ -345,8 +347,14 @@ class AzureCli:
         return cli, inv
 
     def resolve(self, nouns):
-        """(command name, number of nouns it uses) or (None, message) for the leading words."""
-        lowered = [n.lower() for n in nouns]
+        """(command name, number of nouns it names, loader state) for the leading words, or
+        (None, what is wrong, None)."""
+        key = tuple(n.lower() for n in nouns)
+        if key not in self.resolved:
+            self.resolved[key] = self._resolve(list(key))
+        return self.resolved[key]
+
+    def _resolve(self, lowered):
         for full in (False, True):
             # The command index makes this load only the modules of the first word, and those
             # load only the generated (aaz) commands the words select, as `az` does. When that
@@ -487,11 +495,7 @@ def check(az, args):
     if spec.deprecation:
         warnings.append(spec.deprecation)
 
-    options = dict(spec.options)
-    for opts, n in GLOBAL_ARGS:
-        if not any(o in options for o in opts):
-            for o in opts:
-                options[o] = n  # an int stands for the global's value count
+    options = spec.options
     seen = set()
     positionals = list(spec.positionals)
     rest = args[used:]
@@ -530,22 +534,21 @@ def check(az, args):
                 action = options[prefixed[0]]
             else:
                 close = difflib.get_close_matches(opt, list(options), n=2)
-                problems.append("unknown option %s%s" % (
-                    opt, " (did you mean %s?)" % " or ".join(close) if close else ""))
+                hint = " (did you mean %s?)" % " or ".join(close) if close else ""
+                if opt == "--subscription":
+                    hint = " (this command takes no subscription; az rejects it)"
+                problems.append("unknown option %s%s" % (opt, hint))
                 # Skip what looks like its value so it is not reported as positional.
                 while i < len(rest) and not looks_like_option(rest[i]):
                     i += 1
                 continue
-        if isinstance(action, int):
-            lo, hi = action, action
-        else:
-            lo, hi = nvalues(action)
-            seen.add(id(action))
-            # A deprecated alias is a str subclass carrying its deprecate_info (knack's parser).
-            alias = next((o for o in action.option_strings if o == opt), None)
-            dep = getattr(alias, "deprecate_info", None) or getattr(action, "deprecate_info", None)
-            if dep is not None:
-                warnings.append(message_of(dep))
+        lo, hi = nvalues(action)
+        seen.add(id(action))
+        # A deprecated alias is a str subclass carrying its deprecate_info (knack's parser).
+        alias = next((o for o in action.option_strings if o == opt), None)
+        dep = getattr(alias, "deprecate_info", None) or getattr(action, "deprecate_info", None)
+        if dep is not None:
+            warnings.append(message_of(dep))
         values = []
         if eq:
             values.append(Word(attached, w.line, w.quoted))
@@ -557,7 +560,7 @@ def check(az, args):
                 i += 1
         if len(values) < lo:
             problems.append("%s needs %s" % (opt, "a value" if lo == 1 else "%d values" % lo))
-        choices = None if isinstance(action, int) else action.choices
+        choices = action.choices
         if choices is not None:
             allowed = [str(c) for c in choices]
             for v in values:

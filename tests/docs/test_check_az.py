@@ -41,6 +41,7 @@ az identity federated-credential create -g "$RG" --identity-name "$IDENTITY" \\
   --name velero-server \\
   --issuer "$ISSUER" --subject system:serviceaccount:velero:velero-server
 # az identity shwo in a comment is not a command
+az account list --subscription "$SUB" --query "[].id" -o tsv
 SUB=$(az account show --query id -o tsv); az role assignment create --role Reader \\
   --scope "$(az storage account show -n "$SA" --query id --output yml)" --assignee x
 ```
@@ -57,9 +58,10 @@ EXPECTED = [
     (9, "az identity show", r"^unknown option --no-such-flag$"),
     (10, "az identity federated-credential create", r"^missing required argument -n/--name$"),
     (13, "az identity federated-credential create", r"^OK$"),
-    (17, "az account show", r"^OK$"),
-    (17, "az role assignment create", r"^OK$"),
-    (18, "az storage account show",
+    (17, "az account list", r"^unknown option --subscription \(this command takes no subscription"),
+    (18, "az account show", r"^OK$"),
+    (18, "az role assignment create", r"^OK$"),
+    (19, "az storage account show",
      r"^--output yml: not one of json, jsonc, yaml, yamlc, table, tsv, none$"),
 ]
 
@@ -88,11 +90,13 @@ def test_verdicts_of_each_kind(tmp_path):
         proc.stdout
     for (line, cmd, verdict), (_, _, pattern) in zip(verdicts, EXPECTED):
         assert re.search(pattern, verdict), "%d %s: %r does not match %r" % (line, cmd, verdict, pattern)
-    assert proc.stdout.rstrip().endswith("8 az commands in 1 files, 4 with problems"), proc.stdout
+    assert proc.stdout.rstrip().endswith("9 az commands in 1 files, 5 with problems"), proc.stdout
 
 
 def test_all_good_exits_zero(tmp_path):
-    good = "```bash\naz identity show -g rg -n id --only-show-errors --debug \\\n  --subscription s\n```\n"
+    # Every global argument, on a command that also takes --subscription.
+    good = ("```bash\naz identity show -g rg -n id --only-show-errors --debug --verbose \\\n"
+            "  --subscription s --query name --output json -o tsv\n```\n")
     proc, verdicts = run_checker(tmp_path, good)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert verdicts == [(2, "az identity show", "OK")]
