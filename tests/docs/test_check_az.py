@@ -44,6 +44,8 @@ az identity federated-credential create -g "$RG" --identity-name "$IDENTITY" \\
 az account list --subscription "$SUB" --query "[].id" -o tsv
 SUB=$(az account show --query id -o tsv); az role assignment create --role Reader \\
   --scope "$(az storage account show -n "$SA" --query id --output yml)" --assignee x
+az identity show -n "$IDENTITY"
+az identity show --ids "$ID"
 ```
 
 ```yaml
@@ -63,6 +65,8 @@ EXPECTED = [
     (18, "az role assignment create", r"^OK$"),
     (19, "az storage account show",
      r"^--output yml: not one of json, jsonc, yaml, yamlc, table, tsv, none$"),
+    (20, "az identity show", r"^missing required argument -g/--resource-group \(or --ids\)$"),
+    (21, "az identity show", r"^OK$"),
 ]
 
 
@@ -90,7 +94,7 @@ def test_verdicts_of_each_kind(tmp_path):
         proc.stdout
     for (line, cmd, verdict), (_, _, pattern) in zip(verdicts, EXPECTED):
         assert re.search(pattern, verdict), "%d %s: %r does not match %r" % (line, cmd, verdict, pattern)
-    assert proc.stdout.rstrip().endswith("9 az commands in 1 files, 5 with problems"), proc.stdout
+    assert proc.stdout.rstrip().endswith("11 az commands in 1 files, 6 with problems"), proc.stdout
 
 
 def test_all_good_exits_zero(tmp_path):
