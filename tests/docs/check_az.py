@@ -27,7 +27,8 @@ argparse would accept them: the guide spells options out.
 Blocks are read as a shell reads them, as far as the guide needs: quotes, `\\` continuations,
 comments, several commands per line (`;`, `&&`, `||`, `|`), `VAR=$(az ...)` and nested
 `$(...)`/backticks (each substitution's commands are checked too, at their own line),
-redirections, heredoc bodies skipped.
+redirections, heredoc bodies (only their substitutions, and only where the delimiter is
+unquoted, as the shell expands them).
 
 Prints `file:line: az <command>: OK` or the problems, one line per command; exits 1 on any
 problem, 2 on a usage error.
@@ -190,18 +191,30 @@ class ShellLexer:
             self.i += 1
         target = self.parse_word("")
         if op.startswith("<<") and not op.startswith("<<<") and target is not None:
-            self.heredocs.append((target.text, op.startswith("<<-")))
+            self.heredocs.append((target.text, target.quoted))
 
     def skip_heredocs(self):
+        """Step over the bodies of the heredocs begun on the line just ended. An unquoted
+        delimiter's body expands `$(...)`, so its substitutions are commands too."""
         while self.heredocs:
-            delim, _ = self.heredocs.pop(0)
+            delim, literal = self.heredocs.pop(0)
             while self.i < len(self.s):
                 nl = self.s.find("\n", self.i)
                 nl = len(self.s) if nl < 0 else nl
-                line = self.s[self.i:nl]
-                self.i = min(nl + 1, len(self.s))
-                if line.strip() == delim:
+                if self.s[self.i:nl].strip() == delim:
+                    self.i = min(nl + 1, len(self.s))
                     break
+                if literal:
+                    self.i = min(nl + 1, len(self.s))
+                    continue
+                while self.i < len(self.s) and self.peek() != "\n":
+                    if self.peek() == "\\":
+                        self.i += 2
+                    elif self.peek() in "$`":
+                        self.expansion()
+                    else:
+                        self.i += 1
+                self.i += 1
 
     def parse_word(self, end):
         start = self.i

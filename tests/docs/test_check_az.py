@@ -113,6 +113,10 @@ def test_extraction_keeps_lines_and_joins_continuations():
         "  --g 'h i'  # az not-this",
         "cat <<EOF",
         "az not-in-heredoc 'unbalanced",
+        "ID=$(az in-heredoc --x y)",
+        "EOF",
+        "cat <<'EOF' >f",
+        "ID=$(az not-in-literal-heredoc)",
         "EOF",
         "echo \"az x\" | az k",
         "```",
@@ -122,6 +126,7 @@ def test_extraction_keeps_lines_and_joins_continuations():
         (2, ["a", "b", "--c", "$(…)"]),
         (2, ["d", "e"]),
         (2, ["f", "--g", "h i"]),
-        (7, ["k"]),
+        (6, ["in-heredoc", "--x", "y"]),
+        (11, ["k"]),
     ]
 
