@@ -264,7 +264,10 @@ def check_workload(docs, rendered):
 
     assert dep["spec"]["replicas"] == 2, "two webhook replicas"
     assert selector_matches(dep["spec"]["selector"]["matchLabels"], labels)
-    assert pdb["spec"]["minAvailable"] == 1, "PDB minAvailable 1"
+    # maxUnavailable, not minAvailable: a drain can always evict one replica (minAvailable 1
+    # with one replica blocked node drains and AKS upgrades).
+    assert pdb["spec"].get("maxUnavailable") == 1 and "minAvailable" not in pdb["spec"], (
+        f"PDB maxUnavailable 1, got {pdb['spec']}")
     assert selector_matches(pdb["spec"]["selector"]["matchLabels"], labels), "PDB selects the pods"
     assert selector_matches(svc["spec"]["selector"], labels), "Service selects the pods"
     for obj in (dep, svc, pdb, sa):
@@ -281,6 +284,9 @@ def check_workload(docs, rendered):
     assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] != 0
     assert spec["serviceAccountName"] == sa["metadata"]["name"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # A fail-closed webhook: one slow probe must not drop a replica from the Service.
+    assert container["readinessProbe"]["failureThreshold"] >= 3, "readiness failureThreshold >= 3"
+    assert spec.get("priorityClassName") == "system-cluster-critical", "priorityClassName"
 
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     if rendered:

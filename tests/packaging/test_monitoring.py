@@ -44,7 +44,7 @@ def webhook_pod():
 def test_promtool_check_rules():
     res = subprocess.run(["promtool", "check", "rules", str(MON / "imds-broker.rules.yml")],
                          capture_output=True, text=True)
-    assert res.returncode == 0 and "SUCCESS: 13 rules found" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "SUCCESS: 14 rules found" in res.stdout, res.stdout + res.stderr
 
 
 def test_promtool_check_catches_a_broken_rule(tmp_path):
