@@ -127,12 +127,15 @@ class Cluster:
         self.webhook_port = free_port()
         self.webhook_admin_port = free_port()
         self.apply_imds_broker()
-        # The caBundle patch, as the docs give it (one op per webhook entry, five entries).
+        # The caBundle patch, as the docs give it (one op per webhook entry of the stored
+        # configuration).
         with open(f"{tls}/ca.crt", "rb") as f:
             import base64
             ca_bundle = base64.b64encode(f.read()).decode()
+        entries = len(cp.admin.get(
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/imds-broker")["webhooks"])
         patch = [{"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": ca_bundle}
-                 for i in range(5)]
+                 for i in range(entries)]
         cp.kubectl("patch", "mutatingwebhookconfiguration", "imds-broker", "--type=json",
                    "-p", json.dumps(patch))
         self.ca_bundle = ca_bundle

@@ -86,12 +86,12 @@ def test_maintenance_job_pod_from_the_job_controller_is_injected(velero, cluster
     labels = pod["metadata"]["labels"]
     if velero.startswith("v1.15."):
         # Velero 1.15 replaces the Job template's labels with the Velero server pod's labels
-        # (repository/manager buildMaintenanceJob), so velero.io/repo-name is gone and the
-        # webhook is, as documented for velero#8974, not called for this pod.
+        # (repository/manager buildMaintenanceJob), so velero.io/repo-name is gone
+        # (velero#8974): the Job controller's batch.kubernetes.io/job-name selects the pod.
         assert "velero.io/repo-name" not in labels and labels.get("deploy") == "velero", labels
-        assert_untouched(pod)
-        return
-    assert labels["velero.io/repo-name"], labels
+    else:
+        assert labels["velero.io/repo-name"], labels
+    assert labels["batch.kubernetes.io/job-name"] == out["job"], labels
     assert_injected(pod, client_id=cluster.entra["client_id"])
 
 

@@ -106,7 +106,7 @@ def test_helm_install_stores_every_object(installed, cluster):
     assert [h["name"] for h in hooks] == [
         "data-upload.imds-broker.io", "data-download.imds-broker.io",
         "pod-volume-backup.imds-broker.io", "pod-volume-restore.imds-broker.io",
-        "repo-maintenance.imds-broker.io"]
+        "repo-maintenance.imds-broker.io", "job.imds-broker.io", "opt-in.imds-broker.io"]
     for h in hooks:
         # The chart wrote the caBundle of the CA that signed the Secret's certificate.
         assert h["clientConfig"]["caBundle"] == secret["data"]["ca.crt"], h["name"]
