@@ -160,11 +160,10 @@ impl ResolvesServerCert for ReloadingCert {
 }
 
 fn served(key: CertifiedKey, cert_path: &Path) -> Served {
-    let not_after = match key.end_entity_cert().map_err(|e| anyhow::anyhow!("{e}")) {
-        Ok(leaf) => not_after(leaf),
-        Err(e) => Err(e),
-    };
-    let not_after = not_after
+    let not_after = key
+        .end_entity_cert()
+        .map_err(anyhow::Error::from)
+        .and_then(|leaf| not_after(leaf))
         .inspect_err(|e| {
             tracing::warn!(error = %format!("{e:#}"), cert = %cert_path.display(),
                 "cannot read the TLS certificate's expiry (notAfter); it is served, but the \
