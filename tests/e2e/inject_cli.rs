@@ -255,7 +255,7 @@ fn without_flags_it_prints_the_pod_with_marked_placeholders() {
     assert!(!ok, "{stderr}");
     assert!(sidecar(&docs_of(&stdout)[0]["spec"]).is_none(), "{stdout}");
     for line in [
-        "Pod velero/data-upload-1: refused: imds-broker: no Azure identity for ServiceAccount \
+        "Pod velero/data-upload-1: refused: imds-broker: no Azure identity for service account \
          velero/default (no client ID, no tenant ID), so the pod is refused",
         "Job velero/repo-maintain-job-1: refused: imds-broker: no Azure identity",
         "or set the webhook's --client-id/--tenant-id",

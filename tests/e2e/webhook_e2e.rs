@@ -277,7 +277,7 @@ async fn identity_comes_from_the_service_account_and_its_absence_refuses_the_pod
     assert!(body["response"].get("patch").is_none());
     let message = body["response"]["status"]["message"].as_str().unwrap();
     for part in [
-        "ServiceAccount velero/plain (no client ID, no tenant ID)",
+        "service account velero/plain (no client ID, no tenant ID)",
         "azure.workload.identity/client-id and azure.workload.identity/tenant-id",
         "--client-id/--tenant-id (Helm: identity.clientId/identity.tenantId)",
     ] {

@@ -564,7 +564,7 @@ async fn no_identity_refuses_the_pod_naming_the_service_account_and_both_fixes()
     assert!(r.patch.is_none());
     assert_eq!(
         r.response["status"]["message"],
-        "imds-broker: no Azure identity for ServiceAccount velero/velero-server (no client ID, \
+        "imds-broker: no Azure identity for service account velero/velero-server (no client ID, \
          no tenant ID), so the pod is refused: without the broker it would reach the node's \
          IMDS and get the kubelet identity's token or \"Identity not found\". Annotate the \
          ServiceAccount with azure.workload.identity/client-id and \

@@ -343,7 +343,7 @@ impl Reviewer {
                 Decision::deny_as(
                     Outcome::NoIdentity,
                     format!(
-                        "imds-broker: no Azure identity for ServiceAccount {namespace}/{account} \
+                        "imds-broker: no Azure identity for service account {namespace}/{account} \
                          ({missing}), so the pod is refused: without the broker it would \
                          reach the node's IMDS and get the kubelet identity's token or \
                          \"Identity not found\". Annotate the ServiceAccount with \
