@@ -5,7 +5,7 @@
 use crate::assertion::{AssertionError, TokenFile};
 use crate::webhook::identity::{NoLookup, PartialIdentity};
 use crate::webhook::patch::SidecarConfig;
-use crate::webhook::review::{Reviewer, WebhookConfig};
+use crate::webhook::review::{MissingIdentity, Reviewer, WebhookConfig};
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -30,6 +30,7 @@ pub fn reviewer() -> Reviewer {
             Some("00000000-0000-0000-0000-0000000000c1"),
             Some("00000000-0000-0000-0000-0000000000e1"),
         ),
+        missing_identity: MissingIdentity::Refuse,
         sidecar: SidecarConfig::default(),
         token_expiration_seconds: crate::webhook::patch::DEFAULT_TOKEN_EXPIRATION,
     };

@@ -4,7 +4,8 @@
 //!
 //! Pods are mutated as the webhook mutates them at admission; workloads (Job, CronJob,
 //! Deployment, …) have their pod template mutated, which is what the webhook will see when
-//! their pods are created. Each object's outcome goes to stderr; the manifests go to stdout in
+//! their pods are created (a Job's with the Job controller's `batch.kubernetes.io/job-name`
+//! label, which its pods carry). Each object's outcome goes to stderr; the manifests go to stdout in
 //! the input's format (YAML or JSON).
 //!
 //! It takes the webhook's flags and env, or reads them from the webhook's Deployment
@@ -190,6 +191,10 @@ fn render(docs: &[Value], json: bool) -> anyhow::Result<String> {
 
 const CRONJOB_TEMPLATE: &str = "/spec/jobTemplate/spec/template";
 
+/// The label the Job controller puts on every pod of a Job (Kubernetes 1.27+), one of the
+/// webhook's default keys: not in a Job's template, but on each pod the webhook sees.
+const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
+
 /// Mutates one object (and a List's items) in place; returns how many pods would be refused.
 async fn inject_object(
     reviewer: &Reviewer,
@@ -238,7 +243,31 @@ async fn inject_object(
                 "spec": t.get("spec").cloned().unwrap_or(Value::Null)})
         }
     };
+    // A Job's (or CronJob's) pods carry the Job controller's label, so the webhook sees it:
+    // the decision is taken with it, and it is taken off again (the API server sets it when
+    // the Job is created; a CronJob's Jobs each have another name).
+    let had_labels = pod["metadata"].get("labels").is_some();
+    let job_label = matches!(kind.as_str(), "Job" | "CronJob")
+        && pod["metadata"].is_object()
+        && (!had_labels || pod["metadata"]["labels"].is_object())
+        && pod["metadata"]["labels"].get(JOB_NAME_LABEL).is_none();
+    if job_label {
+        if !had_labels {
+            pod["metadata"]["labels"] = serde_json::json!({});
+        }
+        pod["metadata"]["labels"][JOB_NAME_LABEL] = Value::String(name.clone());
+    }
     let refused = inject_pod(reviewer, &mut pod, &namespace, &what, labels).await?;
+    if let (true, Some(meta)) = (job_label, pod["metadata"].as_object_mut()) {
+        match meta.get_mut("labels").and_then(Value::as_object_mut) {
+            Some(labels) if had_labels => {
+                labels.remove(JOB_NAME_LABEL);
+            }
+            _ => {
+                meta.remove("labels");
+            }
+        }
+    }
     if let Some(path) = template {
         if let Some(t) = doc.pointer_mut(path) {
             t["metadata"] = pod["metadata"].take();

@@ -1,7 +1,9 @@
 //! The flags of `imds-broker webhook` (also read by `imds-broker inject`), and their checks:
 //! the sidecar configuration is validated once, here, not in every injected pod.
 
-use super::identity::{ApiConfig, IdentitySource, NoLookup, PartialIdentity, ServiceAccountLookup};
+use super::identity::{
+    is_dns_name, ApiConfig, IdentitySource, NoLookup, PartialIdentity, ServiceAccountLookup,
+};
 use super::{patch, review};
 use clap::Args;
 use std::net::SocketAddr;
@@ -9,13 +11,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Label keys of the pods Velero creates for data movement and repository maintenance.
+/// Label keys of the pods the webhook injects by default: the pods Velero creates for data
+/// movement and repository maintenance, every Job pod, and pods that opt in by label.
+/// (tests/validate_k8s.py reads the keys from this array: no double quotes in its comments.)
 pub const DEFAULT_MATCH_LABELS: &[&str] = &[
     "velero.io/data-upload",
     "velero.io/data-download",
     "velero.io/pod-volume-backup",
     "velero.io/pod-volume-restore",
     "velero.io/repo-name",
+    // Every Job pod (the Job controller sets it since Kubernetes 1.27): Velero's repository
+    // maintenance Jobs of every version, including those whose pods lack velero.io/repo-name
+    // (velero#8974). The namespaceSelector limits it to Velero's namespace.
+    "batch.kubernetes.io/job-name",
+    // Opt-in: Velero's Helm values set it on the server and node-agent pods (podLabels,
+    // nodeAgent.podLabels), so they get the sidecar too, without Azure Workload Identity.
+    "imds-broker.io/sidecar",
 ];
 
 use crate::authority;
@@ -82,6 +93,18 @@ pub struct WebhookArgs {
     #[arg(long, env = "IMDS_BROKER_WEBHOOK_SIDECAR_IMAGE_PULL_POLICY", default_value = "IfNotPresent",
         value_parser = ["Always", "IfNotPresent", "Never"])]
     pub sidecar_image_pull_policy: String,
+
+    /// Secrets (docker-registry, in the pod's own namespace) added to the spec.imagePullSecrets
+    /// of every injected pod that does not list them already, so a private sidecar image can
+    /// be pulled (comma-separated; default none).
+    #[arg(
+        long,
+        env = "IMDS_BROKER_WEBHOOK_SIDECAR_IMAGE_PULL_SECRETS",
+        value_name = "NAME",
+        value_delimiter = ',',
+        value_parser = parse_secret_name
+    )]
+    pub sidecar_image_pull_secrets: Vec<String>,
 
     /// Loopback port of the sidecar's token listener; IDENTITY_ENDPOINT is
     /// http://127.0.0.1:PORT/msi/token (1–65535).
@@ -159,6 +182,17 @@ pub struct WebhookArgs {
     /// annotation.
     #[arg(long, env = "IMDS_BROKER_WEBHOOK_TENANT_ID")]
     pub tenant_id: Option<String>,
+
+    /// What to do with a matched pod for which neither its ServiceAccount's annotations nor
+    /// --client-id/--tenant-id give a client and a tenant ID: `refuse` it (admitted without the
+    /// broker it would reach the node's IMDS), or `admit` it unchanged with a warning.
+    #[arg(
+        long,
+        env = "IMDS_BROKER_WEBHOOK_MISSING_IDENTITY",
+        value_enum,
+        default_value = "refuse"
+    )]
+    pub missing_identity: review::MissingIdentity,
 
     /// API server base URL for ServiceAccount lookups. Default: the in-cluster address
     /// (KUBERNETES_SERVICE_HOST/PORT); `none` disables lookups (flags only).
@@ -274,9 +308,12 @@ impl WebhookArgs {
                  would refuse to start; allow it too, or set --sidecar-prefetch \"\" for no prefetch"
             );
         }
+        let mut image_pull_secrets = non_empty(&self.sidecar_image_pull_secrets);
+        dedup_in_order(&mut image_pull_secrets);
         let sidecar = patch::SidecarConfig {
             image: image.to_owned(),
             image_pull_policy: self.sidecar_image_pull_policy.clone(),
+            image_pull_secrets,
             port: self.sidecar_port,
             admin_port: self.sidecar_admin_port,
             audience: self.token_audience.clone(),
@@ -293,6 +330,7 @@ impl WebhookArgs {
         Ok(review::WebhookConfig {
             match_labels: labels,
             fallback,
+            missing_identity: self.missing_identity,
             sidecar,
             token_expiration_seconds: self.token_expiration,
         })
@@ -334,6 +372,26 @@ impl WebhookArgs {
     }
 }
 
+/// A Secret name for --sidecar-image-pull-secrets: a DNS-1123 subdomain, as the API server
+/// requires of a Secret's name (an empty entry is dropped later, so `""` means none).
+fn parse_secret_name(s: &str) -> Result<String, String> {
+    let name = s.trim();
+    if name.is_empty() || is_dns_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "{name:?} is not a Secret name (a DNS-1123 subdomain: lowercase letters, digits, \
+             '-' and '.', starting and ending with a letter or digit, at most 253 characters)"
+        ))
+    }
+}
+
+/// Drops repeated entries, keeping the first of each.
+fn dedup_in_order(list: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    list.retain(|s| seen.insert(s.clone()));
+}
+
 fn check_request_within_limit(
     what: &str,
     request: &Option<String>,
@@ -371,7 +429,20 @@ mod tests {
     #[test]
     fn defaults_give_the_documented_sidecar() {
         let cfg = parse(&[]).unwrap().webhook_config().unwrap();
-        assert_eq!(cfg.match_labels.len(), 5);
+        assert_eq!(
+            cfg.match_labels,
+            [
+                "velero.io/data-upload",
+                "velero.io/data-download",
+                "velero.io/pod-volume-backup",
+                "velero.io/pod-volume-restore",
+                "velero.io/repo-name",
+                "batch.kubernetes.io/job-name",
+                "imds-broker.io/sidecar",
+            ]
+        );
+        assert_eq!(cfg.missing_identity, review::MissingIdentity::Refuse);
+        assert!(cfg.sidecar.image_pull_secrets.is_empty());
         assert_eq!(cfg.sidecar.cpu_request.as_deref(), Some("10m"));
         assert_eq!(cfg.sidecar.memory_limit.as_deref(), Some("32Mi"));
         assert_eq!(cfg.sidecar.cpu_limit, None);
@@ -397,6 +468,52 @@ mod tests {
         assert!(err.contains("not in --sidecar-allow-resource"), "{err}");
         let invalid = parse(&["--sidecar-prefetch", "storage"]).unwrap();
         assert!(invalid.webhook_config().is_err());
+    }
+
+    #[test]
+    fn image_pull_secrets_are_secret_names_refused_at_parse_time() {
+        let cfg = parse(&[
+            "--sidecar-image-pull-secrets",
+            "acr-pull,mirror.io,acr-pull",
+        ]);
+        let secrets = cfg
+            .unwrap()
+            .webhook_config()
+            .unwrap()
+            .sidecar
+            .image_pull_secrets;
+        assert_eq!(secrets, ["acr-pull", "mirror.io"]);
+        let none = parse(&["--sidecar-image-pull-secrets", ""]).unwrap();
+        assert!(none
+            .webhook_config()
+            .unwrap()
+            .sidecar
+            .image_pull_secrets
+            .is_empty());
+        for bad in ["ACR", "acr_pull", "-acr", "a..b", "acr/pull"] {
+            let err = parse(&["--sidecar-image-pull-secrets", &format!("ok,{bad}")]).unwrap_err();
+            // A usage error (exit 2) naming the flag and the value.
+            assert_eq!(err.exit_code(), 2, "{bad}");
+            let text = err.to_string();
+            assert!(
+                text.contains("--sidecar-image-pull-secrets")
+                    && text.contains(bad)
+                    && text.contains("DNS-1123"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_identity_is_refuse_or_admit() {
+        let admit = parse(&["--missing-identity", "admit"]).unwrap();
+        assert_eq!(
+            admit.webhook_config().unwrap().missing_identity,
+            review::MissingIdentity::Admit
+        );
+        let err = parse(&["--missing-identity", "warn"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("refuse, admit"), "{err}");
     }
 
     #[test]

@@ -301,19 +301,22 @@ fn read_token(path: &Path) -> Result<String, LookupError> {
         })
 }
 
-/// A DNS-1123 subdomain (namespace and ServiceAccount names), so it is safe in a URL path.
+/// A DNS-1123 subdomain — dot-separated labels of lowercase letters, digits and '-', each
+/// starting and ending with a letter or digit, 253 characters at most — as the API server
+/// requires of ServiceAccount and Secret names (a namespace is one such label). So it is
+/// also safe in a URL path.
 pub(crate) fn is_dns_name(s: &str) -> bool {
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let bytes = s.as_bytes();
-    match (bytes.first(), bytes.last()) {
-        (Some(&first), Some(&last)) => {
-            s.len() <= 253
-                && alnum(first)
-                && alnum(last)
-                && bytes.iter().all(|&b| alnum(b) || b == b'-' || b == b'.')
+    let label = |l: &str| {
+        let bytes = l.as_bytes();
+        match (bytes.first(), bytes.last()) {
+            (Some(&first), Some(&last)) => {
+                alnum(first) && alnum(last) && bytes.iter().all(|&b| alnum(b) || b == b'-')
+            }
+            _ => false,
         }
-        _ => false,
-    }
+    };
+    s.len() <= 253 && s.split('.').all(label)
 }
 
 #[cfg(test)]
@@ -341,5 +344,11 @@ mod tests {
         assert!(!is_dns_name("A"));
         assert!(!is_dns_name(".."));
         assert!(!is_dns_name("-a"));
+        assert!(!is_dns_name("a..b"));
+        assert!(!is_dns_name("a.-b"));
+        assert!(!is_dns_name("a."));
+        assert!(!is_dns_name("a_b"));
+        assert!(is_dns_name(&"a".repeat(253)));
+        assert!(!is_dns_name(&"a".repeat(254)));
     }
 }

@@ -4,9 +4,11 @@
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::fmt::Write;
+use std::sync::atomic::AtomicI64;
 
 /// What the webhook did with one AdmissionReview.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -19,7 +21,8 @@ pub enum Outcome {
     OptedOut,
     /// The pod already has the sidecar (re-invocation): empty patch.
     AlreadyInjected,
-    /// No client/tenant ID from the ServiceAccount or the flags: admitted with a warning.
+    /// No client/tenant ID from the ServiceAccount or the flags: refused (`--missing-identity
+    /// refuse`, the default) or admitted unchanged with a warning (`admit`).
     NoIdentity,
     /// A pod the broker cannot serve (Windows, hostNetwork): admitted untouched with a warning.
     Unsupported,
@@ -78,6 +81,7 @@ pub struct WebhookMetrics {
     pub admissions: Family<OutcomeLabels, Counter>,
     pub duration: Histogram,
     pub tls_reloads: Family<ReloadLabels, Counter>,
+    pub certificate_expiry: Gauge<i64, AtomicI64>,
 }
 
 impl Default for WebhookMetrics {
@@ -107,11 +111,18 @@ impl WebhookMetrics {
             "Serving-certificate changes seen on disk, by whether they loaded",
             tls_reloads.clone(),
         );
+        let certificate_expiry = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "notAfter of the serving certificate in use, in Unix seconds (0: unreadable)",
+            certificate_expiry.clone(),
+        );
         WebhookMetrics {
             registry,
             admissions,
             duration,
             tls_reloads,
+            certificate_expiry,
         }
     }
 
@@ -126,6 +137,11 @@ impl WebhookMetrics {
         self.tls_reloads
             .get_or_create(&ReloadLabels { result })
             .inc();
+    }
+
+    /// The notAfter of the certificate now served (None: it could not be read).
+    pub fn certificate_in_service(&self, not_after: Option<i64>) {
+        self.certificate_expiry.set(not_after.unwrap_or(0));
     }
 
     pub fn render(&self) -> String {

@@ -72,7 +72,13 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         },
         metrics: {
             let metrics = metrics.clone();
-            Arc::new(move || metrics.render())
+            let cert = cert.clone();
+            // Read at each scrape from the certificate in service, so it changes exactly when
+            // the served certificate does (start-up and every successful reload).
+            Arc::new(move || {
+                metrics.certificate_in_service(cert.not_after());
+                metrics.render()
+            })
         },
     };
     let admin_task = tokio::spawn(listener::serve(

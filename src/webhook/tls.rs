@@ -5,6 +5,10 @@
 //! volume is updated by an atomic symlink swap that some watchers miss, and two small files
 //! read every few seconds cost nothing. A pair that does not load (a half-written file, a key
 //! that does not match the certificate) keeps the previous certificate in service.
+//!
+//! The leaf's notAfter is read at each load, for the certificate-expiry metric: a
+//! certificate nobody renews (the manual-TLS path) would otherwise be noticed only when the API
+//! server starts refusing it.
 
 use anyhow::Context;
 use rustls::crypto::CryptoProvider;
@@ -31,9 +35,15 @@ pub struct ReloadingCert {
     cert_path: PathBuf,
     key_path: PathBuf,
     provider: Arc<CryptoProvider>,
-    current: RwLock<Arc<CertifiedKey>>,
+    current: RwLock<Served>,
     /// Raw bytes of the pair last seen on disk (loaded or not), to detect changes.
     seen: Mutex<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The certificate in service and its leaf's notAfter (Unix seconds; None if unreadable).
+struct Served {
+    key: Arc<CertifiedKey>,
+    not_after: Option<i64>,
 }
 
 impl std::fmt::Debug for ReloadingCert {
@@ -58,12 +68,18 @@ impl ReloadingCert {
             )
         })?;
         Ok(ReloadingCert {
+            current: RwLock::new(served(key, cert_path)),
             cert_path: cert_path.to_path_buf(),
             key_path: key_path.to_path_buf(),
             provider,
-            current: RwLock::new(Arc::new(key)),
             seen: Mutex::new((cert_pem, key_pem)),
         })
+    }
+
+    /// notAfter of the leaf certificate in service, in Unix seconds; None when it could not be
+    /// read (rustls serves certificates without reading their validity).
+    pub fn not_after(&self) -> Option<i64> {
+        self.current.read().ok().and_then(|c| c.not_after)
     }
 
     /// Re-reads the files and swaps the certificate if they changed and load.
@@ -85,8 +101,9 @@ impl ReloadingCert {
         *seen = (cert_pem, key_pem);
         match result {
             Ok(key) => {
+                let served = served(key, &self.cert_path);
                 if let Ok(mut current) = self.current.write() {
-                    *current = Arc::new(key);
+                    *current = served;
                 }
                 tracing::info!(cert = %self.cert_path.display(), "TLS certificate reloaded");
                 Reload::Reloaded
@@ -138,8 +155,37 @@ impl ReloadingCert {
 
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().ok().map(|k| k.clone())
+        self.current.read().ok().map(|c| c.key.clone())
     }
+}
+
+fn served(key: CertifiedKey, cert_path: &Path) -> Served {
+    let not_after = key
+        .end_entity_cert()
+        .map_err(anyhow::Error::from)
+        .and_then(|leaf| not_after(leaf))
+        .inspect_err(|e| {
+            tracing::warn!(error = %format!("{e:#}"), cert = %cert_path.display(),
+                "cannot read the TLS certificate's expiry (notAfter); it is served, but the \
+                 expiry metric reads 0 until a certificate with a readable one is loaded")
+        })
+        .ok();
+    Served {
+        key: Arc::new(key),
+        not_after,
+    }
+}
+
+/// The notAfter of a DER certificate, in Unix seconds.
+pub fn not_after(der: &[u8]) -> anyhow::Result<i64> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).context("not a DER X.509 certificate")?;
+    let at = cert
+        .tbs_certificate()
+        .validity()
+        .not_after
+        .to_unix_duration();
+    i64::try_from(at.as_secs()).context("notAfter out of range")
 }
 
 fn read_pair(cert_path: &Path, key_path: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
@@ -175,7 +221,39 @@ mod tests {
     }
 
     fn served(r: &ReloadingCert) -> Vec<u8> {
-        r.current.read().unwrap().cert[0].to_vec()
+        r.current.read().unwrap().key.cert[0].to_vec()
+    }
+
+    /// A self-signed pair whose notAfter is `not_after` (Unix seconds).
+    fn pair_until(name: &str, not_after: i64) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn the_served_leafs_not_after_is_read_at_load_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        // 2031-01-02T03:04:05Z, a UTCTime; 2051-06-07T08:09:10Z, a GeneralizedTime.
+        let (first, second) = (1_925_089_445, 2_569_738_150);
+        let (c1, k1) = pair_until("one", first);
+        std::fs::write(&c, &c1).unwrap();
+        std::fs::write(&k, &k1).unwrap();
+        let r = ReloadingCert::load(&c, &k).unwrap();
+        assert_eq!(r.not_after(), Some(first));
+        let (c2, k2) = pair_until("two", second);
+        std::fs::write(&k, &k2).unwrap();
+        std::fs::write(&c, &c2).unwrap();
+        assert_eq!(r.reload_if_changed(), Reload::Reloaded);
+        assert_eq!(r.not_after(), Some(second));
+        // A pair that does not load leaves the one in service, and its expiry.
+        std::fs::write(&c, &c1).unwrap();
+        assert_eq!(r.reload_if_changed(), Reload::Failed);
+        assert_eq!(r.not_after(), Some(second));
+        assert!(not_after(b"not a certificate").is_err());
     }
 
     #[test]

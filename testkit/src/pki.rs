@@ -36,6 +36,16 @@ impl TestPki {
     ///
     /// Panics with context on failure: this is test set-up, there is nothing to recover.
     pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// As [`TestPki::new`], with a server certificate whose notAfter is `not_after` (Unix
+    /// seconds), for tests of what reads a certificate's expiry.
+    pub fn with_server_not_after(not_after: i64) -> Self {
+        Self::build(Some(not_after))
+    }
+
+    fn build(not_after: Option<i64>) -> Self {
         let ca_key = KeyPair::generate().expect("test PKI: generate CA key");
         let mut ca_params =
             CertificateParams::new(Vec::<String>::new()).expect("test PKI: CA certificate params");
@@ -62,6 +72,10 @@ impl TestPki {
         server_params.distinguished_name = dn("localhost");
         server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if let Some(at) = not_after {
+            server_params.not_after = time::OffsetDateTime::from_unix_timestamp(at)
+                .expect("test PKI: notAfter within the representable range");
+        }
         let server_cert = server_params
             .signed_by(&server_key, &ca)
             .expect("test PKI: sign server certificate");

@@ -244,16 +244,129 @@ fn without_flags_it_prints_the_pod_with_marked_placeholders() {
     }
 
     // Given an identity, only the image is a placeholder; with `--kube-api-url none` the
-    // outcome is the webhook's own: no identity, the pod printed unchanged, with its warning.
+    // outcome is the webhook's own: no identity, so both matched pods are refused (exit 1),
+    // each with the webhook's message, and printed unchanged.
     let (ok, _, stderr) = run(
         &["--client-id", CLIENT_ID, "--tenant-id", TENANT_ID],
         MANIFESTS,
     );
     assert!(ok && !stderr.contains("placeholder IDs"), "{stderr}");
     let (ok, stdout, stderr) = run(&["--kube-api-url", "none"], MANIFESTS);
+    assert!(!ok, "{stderr}");
+    assert!(sidecar(&docs_of(&stdout)[0]["spec"]).is_none(), "{stdout}");
+    for line in [
+        "Pod velero/data-upload-1: refused: imds-broker: no Azure identity for service account \
+         velero/default (no client ID, no tenant ID), so the pod is refused",
+        "Job velero/repo-maintain-job-1: refused: imds-broker: no Azure identity",
+        "or set the webhook's --client-id/--tenant-id",
+        "the webhook would refuse 2 pod(s)",
+    ] {
+        assert!(stderr.contains(line), "{line:?} not in {stderr}");
+    }
+    // `--missing-identity admit`: printed unchanged with the warning, exit 0.
+    let (ok, stdout, stderr) = run(
+        &["--kube-api-url", "none", "--missing-identity", "admit"],
+        MANIFESTS,
+    );
     assert!(ok, "{stderr}");
     assert!(sidecar(&docs_of(&stdout)[0]["spec"]).is_none(), "{stdout}");
-    assert!(stderr.contains("no Azure identity"), "{stderr}");
+    assert!(
+        stderr.contains("warning: imds-broker: no Azure identity for service account"),
+        "{stderr}"
+    );
+}
+
+/// The default keys beyond Velero's: a Job's pods carry the Job controller's
+/// batch.kubernetes.io/job-name, so a maintenance Job whose template lacks velero.io/repo-name
+/// (velero#8974) is injected as the webhook will inject its pods — the label itself is not
+/// printed into the template (the API server sets it) — and a workload opted in with
+/// imds-broker.io/sidecar is injected.
+#[test]
+fn job_templates_are_judged_with_the_job_controllers_label_and_the_opt_in_label_counts() {
+    const WORKLOADS: &str = r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {name: default-kopia-maintain-job-1, namespace: velero}
+spec:
+  template:
+    metadata:
+      labels: {deploy: velero}
+    spec:
+      restartPolicy: Never
+      containers: [{name: maintenance, image: velero/velero:v1.16.0}]
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: nightly, namespace: velero}
+spec:
+  schedule: "0 1 * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: Never
+          containers: [{name: c, image: busybox}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: velero, namespace: velero}
+spec:
+  template:
+    metadata:
+      labels: {deploy: velero, imds-broker.io/sidecar: "true"}
+    spec:
+      containers: [{name: velero, image: velero/velero:v1.18.0}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: other, namespace: velero}
+spec:
+  template:
+    metadata:
+      labels: {app: other}
+    spec:
+      containers: [{name: app, image: app}]
+"#;
+    let (ok, stdout, stderr) = inject(WORKLOADS, &[]);
+    assert!(ok, "{stderr}");
+    let docs = docs_of(&stdout);
+    let job = &docs[0]["spec"]["template"];
+    assert!(sidecar(&job["spec"]).is_some(), "{stdout}");
+    assert_eq!(
+        job["metadata"]["labels"],
+        serde_json::json!({"deploy": "velero"})
+    );
+    let cron = &docs[1]["spec"]["jobTemplate"]["spec"]["template"];
+    assert!(sidecar(&cron["spec"]).is_some(), "{stdout}");
+    assert!(cron["metadata"].get("labels").is_none(), "{stdout}");
+    assert!(
+        sidecar(&docs[2]["spec"]["template"]["spec"]).is_some(),
+        "{stdout}"
+    );
+    assert!(
+        sidecar(&docs[3]["spec"]["template"]["spec"]).is_none(),
+        "{stdout}"
+    );
+    for line in [
+        "Job velero/default-kopia-maintain-job-1: mutated",
+        "CronJob velero/nightly: mutated",
+        "Deployment velero/velero: mutated",
+        "Deployment velero/other: skipped",
+    ] {
+        assert!(stderr.contains(line), "{line:?} not in {stderr}");
+    }
+    // The Job controller's label decides only with the default keys.
+    let (ok, stdout, stderr) = inject(WORKLOADS, &["--match-label", "velero.io/repo-name"]);
+    assert!(ok, "{stderr}");
+    let docs = docs_of(&stdout);
+    assert!(
+        sidecar(&docs[0]["spec"]["template"]["spec"]).is_none(),
+        "{stdout}"
+    );
+    assert_eq!(
+        docs[0]["spec"]["template"]["metadata"]["labels"],
+        serde_json::json!({"deploy": "velero"})
+    );
 }
 
 /// The webhook's settings read from its Deployment (as `kubectl get -o yaml` or `helm

@@ -71,10 +71,30 @@ async fn served_certificate(cas: &[&str], url: &str) -> Option<Vec<u8>> {
     info.peer_certificate().map(<[u8]>::to_vec)
 }
 
+/// The webhook's `/metrics` text.
+async fn metrics_text(webhook: &Webhook) -> String {
+    reqwest::get(format!("http://{}/metrics", webhook.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the unlabelled series `name` in a metrics text.
+fn sample<'a>(metrics: &'a str, name: &str) -> Option<&'a str> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+}
+
+const EXPIRY: &str = "imds_broker_webhook_certificate_expiry_timestamp_seconds";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm() {
-    let first = TestPki::new();
-    let second = TestPki::new();
+    // Known notAfters (2031-01-02T03:04:05Z, 2051-06-07T08:09:10Z) for the expiry metric.
+    let first = TestPki::with_server_not_after(1_925_089_445);
+    let second = TestPki::with_server_not_after(2_569_738_150);
     let webhook = Webhook::start(
         &first,
         &[
@@ -89,6 +109,8 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
     .await;
     let both = [first.ca_pem(), second.ca_pem()];
     let http = client(&both);
+    let metrics = metrics_text(&webhook).await;
+    assert_eq!(sample(&metrics, EXPIRY), Some("1925089445"), "{metrics}");
 
     // A Velero data-upload pod is mutated.
     let resp = http
@@ -171,12 +193,9 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
-    let metrics = reqwest::get(format!("http://{}/metrics", webhook.admin_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&webhook).await;
+    // The expiry is the certificate's now served.
+    assert_eq!(sample(&metrics, EXPIRY), Some("2569738150"), "{metrics}");
     assert!(
         metrics.contains(r#"imds_broker_webhook_admissions_total{result="mutated"} 2"#),
         "{metrics}"
@@ -195,7 +214,7 @@ async fn admits_over_https_reloads_its_certificate_and_exits_cleanly_on_sigterm(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() {
+async fn identity_comes_from_the_service_account_and_its_absence_refuses_the_pod() {
     // Plain HTTP, one annotated ServiceAccount, only for the webhook's own token.
     let api = KubeApi::builder()
         .service_account(
@@ -216,7 +235,7 @@ async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() 
     let token = dir.path().join("token");
     std::fs::write(&token, "webhook-sa-token\n").unwrap();
     let pki = TestPki::new();
-    let webhook = Webhook::start(
+    let mut webhook = Webhook::start(
         &pki,
         &[
             "--kube-api-url",
@@ -241,7 +260,8 @@ async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() 
     assert!(env.contains(&("AZURE_CLIENT_ID".into(), "sa-client-id".into())));
     assert!(env.contains(&("AZURE_TENANT_ID".into(), "contoso.onmicrosoft.com".into())));
 
-    // Another ServiceAccount without annotations, and no --client-id: admitted, warned.
+    // Another ServiceAccount without annotations, and no --client-id: refused (fail closed),
+    // naming the account and both fixes; counted and logged as no_identity.
     let mut review = fixture_review();
     review["request"]["object"]["spec"]["serviceAccountName"] = json!("plain");
     let body: Value = http
@@ -253,13 +273,26 @@ async fn identity_comes_from_the_service_account_and_its_absence_is_a_warning() 
         .json()
         .await
         .unwrap();
-    assert_eq!(body["response"]["allowed"], true);
+    assert_eq!(body["response"]["allowed"], false);
     assert!(body["response"].get("patch").is_none());
-    let warning = body["response"]["warnings"][0].as_str().unwrap();
+    let message = body["response"]["status"]["message"].as_str().unwrap();
+    for part in [
+        "service account velero/plain (no client ID, no tenant ID)",
+        "azure.workload.identity/client-id and azure.workload.identity/tenant-id",
+        "--client-id/--tenant-id (Helm: identity.clientId/identity.tenantId)",
+    ] {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
+    let metrics = metrics_text(&webhook).await;
     assert!(
-        warning.contains("velero/plain") && warning.contains("--client-id"),
-        "{warning}"
+        metrics.contains(r#"imds_broker_webhook_admissions_total{result="no_identity"} 1"#),
+        "{metrics}"
     );
+    let refused = webhook
+        .expect_json_line("pod refused", Duration::from_secs(10))
+        .await;
+    assert_eq!(refused["result"], "no_identity", "{refused}");
+    assert_eq!(refused["reason"], message, "{refused}");
 
     let request = |account: &str| ApiRequest {
         path: format!("/api/v1/namespaces/velero/serviceaccounts/{account}"),

@@ -11,7 +11,7 @@ use base64::Engine;
 use imds_broker::webhook::identity::{IdentitySource, LookupError, PartialIdentity};
 use imds_broker::webhook::metrics::Outcome;
 use imds_broker::webhook::patch::{self, Identity, Injection, SidecarConfig};
-use imds_broker::webhook::review::{self, Reviewer, WebhookConfig};
+use imds_broker::webhook::review::{self, MissingIdentity, Reviewer, WebhookConfig};
 use imds_broker::webhook::DEFAULT_MATCH_LABELS;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
@@ -376,10 +376,19 @@ fn make_reviewer(
     accounts: FakeAccounts,
     fallback: PartialIdentity,
 ) -> (Reviewer, Arc<FakeAccounts>) {
+    make_reviewer_with(accounts, fallback, MissingIdentity::Refuse)
+}
+
+fn make_reviewer_with(
+    accounts: FakeAccounts,
+    fallback: PartialIdentity,
+    missing_identity: MissingIdentity,
+) -> (Reviewer, Arc<FakeAccounts>) {
     let accounts = Arc::new(accounts);
     let config = WebhookConfig {
         match_labels: DEFAULT_MATCH_LABELS.iter().map(|s| s.to_string()).collect(),
         fallback,
+        missing_identity,
         sidecar: sidecar_config(),
         token_expiration_seconds: 3600,
     };
@@ -544,9 +553,47 @@ async fn containers_added_after_injection_get_the_env_on_reinvocation() {
     assert!(review_pod(&reviewer, &after).await.patch.is_none());
 }
 
+/// Fail closed: a matched pod admitted without the broker would ask the node's real IMDS and
+/// get the kubelet identity's token or "Identity not found", far from the cause.
 #[tokio::test]
-async fn no_identity_admits_unchanged_with_a_warning_that_says_what_to_set() {
+async fn no_identity_refuses_the_pod_naming_the_service_account_and_both_fixes() {
     let (reviewer, _) = make_reviewer(FakeAccounts::default(), PartialIdentity::default());
+    let r = review_pod(&reviewer, &fixture("velero-1.15-data-upload")).await;
+    assert_eq!(r.outcome, Outcome::NoIdentity);
+    assert_eq!(r.response["allowed"], false);
+    assert!(r.patch.is_none());
+    assert_eq!(
+        r.response["status"]["message"],
+        "imds-broker: no Azure identity for service account velero/velero-server (no client ID, \
+         no tenant ID), so the pod is refused: without the broker it would reach the node's \
+         IMDS and get the kubelet identity's token or \"Identity not found\". Annotate the \
+         ServiceAccount with azure.workload.identity/client-id and \
+         azure.workload.identity/tenant-id, or set the webhook's --client-id/--tenant-id \
+         (Helm: identity.clientId/identity.tenantId)"
+    );
+    // Half an identity is no identity; the message says which half is missing.
+    let half = FakeAccounts {
+        accounts: HashMap::from([(
+            "velero/velero-server".to_string(),
+            PartialIdentity::new(Some(CLIENT_ID), None),
+        )]),
+        ..Default::default()
+    };
+    let (reviewer, _) = make_reviewer(half, PartialIdentity::default());
+    let r = review_pod(&reviewer, &fixture("velero-1.15-data-upload")).await;
+    assert_eq!(r.outcome, Outcome::NoIdentity);
+    assert_eq!(r.response["allowed"], false);
+    let message = r.response["status"]["message"].as_str().unwrap();
+    assert!(message.contains("(no tenant ID)"), "{message}");
+}
+
+#[tokio::test]
+async fn no_identity_with_missing_identity_admit_admits_unchanged_with_a_warning() {
+    let (reviewer, _) = make_reviewer_with(
+        FakeAccounts::default(),
+        PartialIdentity::default(),
+        MissingIdentity::Admit,
+    );
     let r = review_pod(&reviewer, &fixture("velero-1.15-data-upload")).await;
     assert_eq!(r.outcome, Outcome::NoIdentity);
     assert_eq!(r.response["allowed"], true);
@@ -560,17 +607,38 @@ async fn no_identity_admits_unchanged_with_a_warning_that_says_what_to_set() {
                 --client-id/--tenant-id"
         ])
     );
-    // Half an identity is no identity.
-    let half = FakeAccounts {
-        accounts: HashMap::from([(
-            "velero/velero-server".to_string(),
-            PartialIdentity::new(Some(CLIENT_ID), None),
-        )]),
-        ..Default::default()
-    };
-    let (reviewer, _) = make_reviewer(half, PartialIdentity::default());
-    let r = review_pod(&reviewer, &fixture("velero-1.15-data-upload")).await;
-    assert_eq!(r.outcome, Outcome::NoIdentity);
+}
+
+/// The default keys beyond Velero's own: any Job pod (Velero's maintenance Jobs whose pods
+/// lack velero.io/repo-name, velero#8974) and the opt-in label Velero's values put on the
+/// server and node-agent pods.
+#[tokio::test]
+async fn job_pods_and_opted_in_pods_are_mutated_by_default() {
+    let (reviewer, _) = make_reviewer(annotated_velero_sa(), PartialIdentity::default());
+    let mut job_pod = fixture("velero-1.18-maintenance-job");
+    let labels = job_pod["metadata"]["labels"].as_object_mut().unwrap();
+    labels.remove("velero.io/repo-name").unwrap();
+    assert!(labels.contains_key("batch.kubernetes.io/job-name"));
+    let server = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "velero-7d9f8b6c5-", "namespace": "velero",
+            "labels": {"deploy": "velero", "imds-broker.io/sidecar": "true"}},
+        "spec": {"serviceAccountName": "velero-server",
+            "containers": [{"name": "velero", "image": "velero/velero:v1.18.0"}],
+            "volumes": [{"name": "plugins", "emptyDir": {}}]}
+    });
+    for pod in [job_pod, server] {
+        let r = review_pod(&reviewer, &pod).await;
+        assert_eq!(r.outcome, Outcome::Mutated, "{}", pod["metadata"]);
+        assert_injected(&pod, &apply(&pod, &r.patch.unwrap()), HEADER);
+    }
+    // Neither key, no Velero key: skipped.
+    let plain = json!({"metadata": {"name": "p", "labels": {"deploy": "velero"}},
+        "spec": {"containers": [{"name": "c"}]}});
+    assert_eq!(
+        review_pod(&reviewer, &plain).await.outcome,
+        Outcome::Skipped
+    );
 }
 
 #[tokio::test]
@@ -749,6 +817,7 @@ async fn each_pod_gets_a_fresh_random_header_shared_by_sidecar_and_app() {
     let config = WebhookConfig {
         match_labels: vec!["velero.io/data-upload".into()],
         fallback: PartialIdentity::new(Some("c"), Some("t")),
+        missing_identity: MissingIdentity::Refuse,
         sidecar: sidecar_config(),
         token_expiration_seconds: 3600,
     };

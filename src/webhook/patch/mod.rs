@@ -12,7 +12,9 @@
 //!   does not set both itself ([`app_env`]: the two come as a pair, from the container or from
 //!   the webhook; other init containers are left alone: they run before the app and are
 //!   usually infrastructure — mesh or volume setup — that should not be handed a credential);
-//! - the annotation [`INJECTED_ANNOTATION`] as a marker for humans and tooling.
+//! - the annotation [`INJECTED_ANNOTATION`] as a marker for humans and tooling;
+//! - the configured image pull secrets the pod does not list yet, so a sidecar image in a
+//!   private registry can be pulled (the Secrets must exist in the pod's namespace).
 
 mod app_env;
 mod pod;
@@ -24,7 +26,7 @@ pub use sidecar::{sidecar_container, token_volume};
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{LocalObjectReference, Pod, PodSpec};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -70,6 +72,9 @@ pub struct Identity {
 pub struct SidecarConfig {
     pub image: String,
     pub image_pull_policy: String,
+    /// Secrets in the pod's namespace added to its `imagePullSecrets` (when not listed yet)
+    /// for the sidecar's image.
+    pub image_pull_secrets: Vec<String>,
     /// Loopback port of the broker's token listener (and of `IDENTITY_ENDPOINT`).
     pub port: u16,
     /// Port of the broker's admin listener (probes, metrics), on all pod addresses.
@@ -94,6 +99,7 @@ impl Default for SidecarConfig {
         SidecarConfig {
             image: "imds-broker:latest".into(),
             image_pull_policy: "IfNotPresent".into(),
+            image_pull_secrets: Vec::new(),
             port: 8400,
             admin_port: 8401,
             audience: DEFAULT_AUDIENCE.into(),
@@ -162,6 +168,8 @@ pub fn build_patch(pod: &Pod, config: &SidecarConfig, inj: &Injection<'_>) -> Ve
         Some(_) => ops.push(add(&["spec", "initContainers", "0"], sidecar)),
     }
 
+    ops.extend(pull_secret_ops(spec, &config.image_pull_secrets));
+
     let endpoint = config.identity_endpoint();
     ops.extend(app_env::ops(
         &spec.containers,
@@ -169,6 +177,30 @@ pub fn build_patch(pod: &Pod, config: &SidecarConfig, inj: &Injection<'_>) -> Ve
         inj.identity_header,
     ));
     ops
+}
+
+/// The configured pull secrets the pod does not list yet, appended (its own stay first and
+/// are never duplicated: the kubelet would try the same Secret twice).
+fn pull_secret_ops(spec: &PodSpec, names: &[String]) -> Vec<PatchOperation> {
+    let listed = |name: &String| {
+        spec.image_pull_secrets
+            .iter()
+            .flatten()
+            .any(|s| &s.name == name)
+    };
+    let missing: Vec<LocalObjectReference> = names
+        .iter()
+        .filter(|n| !listed(n))
+        .map(|n| LocalObjectReference { name: n.clone() })
+        .collect();
+    match (&spec.image_pull_secrets, missing.is_empty()) {
+        (_, true) => Vec::new(),
+        (None, false) => vec![add(&["spec", "imagePullSecrets"], missing)],
+        (Some(_), false) => missing
+            .into_iter()
+            .map(|s| add(&["spec", "imagePullSecrets", "-"], s))
+            .collect(),
+    }
 }
 
 /// For a pod that already has the sidecar: the env for app containers added after the

@@ -227,3 +227,60 @@ fn sidecar_json(cfg: &SidecarConfig) -> serde_json::Value {
     };
     serde_json::to_value(sidecar_container(cfg, &inj)).unwrap()
 }
+
+/// The pull secrets for a private sidecar image: appended when missing (the array created
+/// when the pod has none), never duplicated, the pod's own kept first; nothing on
+/// re-invocation.
+#[test]
+fn image_pull_secrets_are_added_once_after_the_pods_own() {
+    let id = identity();
+    let inj = Injection {
+        identity: &id,
+        identity_header: "h",
+        token_expiration_seconds: 3600,
+    };
+    let config = SidecarConfig {
+        image_pull_secrets: vec!["acr-pull".into(), "mirror".into()],
+        ..Default::default()
+    };
+    let secrets = |doc: &Value| -> Vec<String> {
+        doc["spec"]["imagePullSecrets"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| s["name"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (pod_secrets, expected) in [
+        (None, vec!["acr-pull", "mirror"]),
+        (Some(json!([])), vec!["acr-pull", "mirror"]),
+        (
+            Some(json!([{"name": "own"}, {"name": "mirror"}])),
+            vec!["own", "mirror", "acr-pull"],
+        ),
+        (
+            Some(json!([{"name": "mirror"}, {"name": "acr-pull"}])),
+            vec!["mirror", "acr-pull"],
+        ),
+    ] {
+        let mut v = json!({"spec": {"containers": [{"name": "app"}]}});
+        if let Some(s) = &pod_secrets {
+            v["spec"]["imagePullSecrets"] = s.clone();
+        }
+        let p = pod(v);
+        let doc = apply(&p, &build_patch(&p, &config, &inj));
+        assert_eq!(secrets(&doc), expected, "pod with {pod_secrets:?}");
+        // Re-invocation: already injected, nothing more.
+        let again: Pod = serde_json::from_value(doc).unwrap();
+        assert!(build_patch(&again, &config, &inj).is_empty());
+        assert!(late_container_patch(&again, &config).is_empty());
+    }
+    // Not configured: the pod's list is left alone (no op at all).
+    let p = pod(json!({"spec": {"containers": [{"name": "app"}]}}));
+    let ops = build_patch(&p, &SidecarConfig::default(), &inj);
+    assert!(!serde_json::to_string(&ops)
+        .unwrap()
+        .contains("imagePullSecrets"));
+}

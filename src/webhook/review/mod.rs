@@ -1,10 +1,12 @@
 //! AdmissionReview (`admission.k8s.io/v1`) in and out, and the decision for one pod: skip,
-//! opt out, already injected, no identity (warn), refuse, or mutate.
+//! opt out, already injected, no identity (refuse, or warn), refuse, or mutate.
 //!
 //! The review types are declared here (k8s-openapi has no admission types); only the fields
 //! the webhook reads or writes are modelled.
 
-use super::identity::{IdentitySource, PartialIdentity, TENANT_ID_ANNOTATION};
+use super::identity::{
+    IdentitySource, PartialIdentity, CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION,
+};
 use super::metrics::Outcome;
 use super::patch::{self, Injection, SidecarConfig};
 use crate::excerpt::excerpt;
@@ -26,9 +28,23 @@ pub struct WebhookConfig {
     pub match_labels: Vec<String>,
     /// Used for the fields the pod's ServiceAccount does not annotate.
     pub fallback: PartialIdentity,
+    /// What happens to a matched pod that neither gives a complete identity.
+    pub missing_identity: MissingIdentity,
     pub sidecar: SidecarConfig,
     /// Projected-token lifetime unless the pod's annotation overrides it.
     pub token_expiration_seconds: i64,
+}
+
+/// What the webhook does with a matched pod for which it finds no complete identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MissingIdentity {
+    /// Refuse the pod: admitted without the broker, it would ask the node's IMDS and get the
+    /// kubelet identity's token (the wrong identity, silently) or "Identity not found", an
+    /// error far from its cause. failurePolicy Fail makes the same choice when the webhook is
+    /// down.
+    Refuse,
+    /// Admit it unchanged, with a warning (what earlier releases always did).
+    Admit,
 }
 
 /// Produces a fresh IDENTITY_HEADER value per pod.
@@ -135,9 +151,13 @@ impl Decision {
     }
 
     fn deny(message: String) -> Self {
+        Decision::deny_as(Outcome::Error, message)
+    }
+
+    fn deny_as(outcome: Outcome, message: String) -> Self {
         Decision {
             denial: Some(message),
-            ..Decision::admit(Outcome::Error)
+            ..Decision::admit(outcome)
         }
     }
 }
@@ -283,16 +303,9 @@ impl Reviewer {
                 )));
             }
         }
-        let Some(identity) = found.or(&self.config.fallback).complete() else {
-            return Ok(Decision::warn(
-                Outcome::NoIdentity,
-                format!(
-                    "imds-broker: no Azure identity for service account {namespace}/{account}: \
-                     annotate it with azure.workload.identity/client-id and \
-                     azure.workload.identity/tenant-id, or start the webhook with \
-                     --client-id/--tenant-id"
-                ),
-            ));
+        let merged = found.or(&self.config.fallback);
+        let Some(identity) = merged.complete() else {
+            return Ok(self.no_identity(namespace, &account, &merged));
         };
         let mut warnings = Vec::new();
         let expiration = patch::token_expiration(pod, self.config.token_expiration_seconds)
@@ -315,6 +328,41 @@ impl Reviewer {
             warnings,
             ..Decision::admit(Outcome::Mutated)
         })
+    }
+
+    /// The decision for a matched pod without a complete identity (`merged`: what the
+    /// ServiceAccount and the flags gave).
+    fn no_identity(&self, namespace: &str, account: &str, merged: &PartialIdentity) -> Decision {
+        match self.config.missing_identity {
+            MissingIdentity::Refuse => {
+                let missing = match (&merged.client_id, &merged.tenant_id) {
+                    (None, None) => "no client ID, no tenant ID",
+                    (None, Some(_)) => "no client ID",
+                    _ => "no tenant ID",
+                };
+                Decision::deny_as(
+                    Outcome::NoIdentity,
+                    format!(
+                        "imds-broker: no Azure identity for service account {namespace}/{account} \
+                         ({missing}), so the pod is refused: without the broker it would \
+                         reach the node's IMDS and get the kubelet identity's token or \
+                         \"Identity not found\". Annotate the ServiceAccount with \
+                         {CLIENT_ID_ANNOTATION} and {TENANT_ID_ANNOTATION}, or set the \
+                         webhook's --client-id/--tenant-id (Helm: \
+                         identity.clientId/identity.tenantId)"
+                    ),
+                )
+            }
+            MissingIdentity::Admit => Decision::warn(
+                Outcome::NoIdentity,
+                format!(
+                    "imds-broker: no Azure identity for service account {namespace}/{account}: \
+                     annotate it with azure.workload.identity/client-id and \
+                     azure.workload.identity/tenant-id, or start the webhook with \
+                     --client-id/--tenant-id"
+                ),
+            ),
+        }
     }
 }
 

@@ -69,6 +69,11 @@ impl Webhook {
         self.process.logs()
     }
 
+    /// The first JSON log line with this `message`, awaited (panics after `timeout`).
+    pub async fn expect_json_line(&mut self, message: &str, timeout: Duration) -> Value {
+        self.process.expect_json_line(message, timeout).await
+    }
+
     /// The admission endpoint.
     pub fn url(&self) -> String {
         format!("https://{}/mutate", self.addr)
