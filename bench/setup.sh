@@ -37,9 +37,9 @@ if [ "$profile" = release ]; then
     # The shipped binary (static, scripts/build-release); the tools in a second invocation so
     # their dev-dependency features do not change the broker.
     scripts/build-release >/dev/null
-    dir=$(scripts/build-release --example bench_client --example fake_entra --example fake_kube_pods --example hyper_static | tail -n1)
+    dir=$(scripts/build-release --example bench_client --example fake_entra --example fake_kube_pods --example hostile_authority --example hyper_static | tail -n1)
 else
-    cargo build --locked --bin imds-broker --example bench_client --example fake_entra --example fake_kube_pods --example hyper_static >&2
+    cargo build --locked --bin imds-broker --example bench_client --example fake_entra --example fake_kube_pods --example hostile_authority --example hyper_static >&2
     dir=target/debug
 fi
 
