@@ -47,8 +47,10 @@ def test_installed_objects(velero, cluster, api):
 
 def test_server_and_node_agent_pods_are_not_injected(velero, api):
     """The Velero server pod (ReplicaSet controller) and the node-agent pod (DaemonSet
-    controller) carry none of the five label keys: the webhook is never called for them."""
-    server = wait_pod(api, VELERO_NS, "deploy=velero")
+    controller) of `velero install` carry none of the webhook's label keys (no
+    imds-broker.io/sidecar without the guide's values): the webhook is never called for them.
+    1.15.0's maintenance Job pods copy the server's labels, hence the job-name exclusion."""
+    server = wait_pod(api, VELERO_NS, "deploy=velero,!batch.kubernetes.io/job-name")
     agent = wait_pod(api, VELERO_NS, "name=node-agent")
     for pod in (server, agent):
         assert_untouched(pod)
