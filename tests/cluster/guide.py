@@ -15,6 +15,7 @@ import queue
 import re
 import secrets
 import shlex
+import signal
 import subprocess
 import threading
 import time
@@ -128,7 +129,8 @@ class Shell:
         self.count = 0
         self.proc = subprocess.Popen(["bash", "--noprofile", "--norc"], cwd=cwd, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     start_new_session=True)
         self.lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self._send("set -euo pipefail\n")
@@ -153,7 +155,9 @@ class Shell:
         with open(path, "w") as f:
             f.write(block.text)
         done = f"guide-block-done-{secrets.token_hex(8)}"
-        self._write_log(f"\n$ # {block.summary()}\n" + block.text)
+        mode = f" mode={block.mode}" if block.mode else ""
+        self._write_log(f"\n# --- guide line {block.line} ({block.section}), {block.kind}{mode}\n"
+                        + block.text + "# output:\n")
         started = time.monotonic()
         self._send(f"source {shlex.quote(path)} </dev/null\nprintf '\\n%s\\n' {done}\n")
         out = []
@@ -162,7 +166,7 @@ class Shell:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                self.close()
+                self.kill()
                 raise BlockFailed(block, "".join(out), f"did not finish within {timeout}s") from None
             if line is None:
                 rc = self.proc.wait()
@@ -181,12 +185,19 @@ class Shell:
         self.log.flush()
         self.echo(text.rstrip("\n"))
 
+    def kill(self):
+        """The session's process group (with a command still running in it, e.g. a hung
+        kubectl): the shell's own PID is the group's ID."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
     def close(self):
         if self.proc.poll() is None:
             try:
                 self._send("exit\n")
                 self.proc.wait(10)
             except (RuntimeError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+                self.kill()
+        if not self.log.closed:
+            self.log.close()

@@ -154,20 +154,29 @@ def helm_json(helm, *args):
     return json.loads(helm(*args, "-o", "json") or "null")
 
 
+def releases(helm):
+    """Helm releases, but cert-manager's (the guide's prerequisite, installed by the
+    cert_manager fixture; the guide neither installs nor removes it)."""
+    return [r for r in helm_json(helm, "list", "--all-namespaces") or []
+            if r["namespace"] != "cert-manager"]
+
+
 def delete_namespace(api, ns):
-    """Deleted and gone. Pods bound to a node are confirmed deleted as kubelet would (no
-    kubelet runs here; without it they never finish terminating and the namespace stays)."""
-    try:
-        api.delete(f"/api/v1/namespaces/{ns}")
-    except ApiError as e:
-        if e.status == 404:
-            return
-        raise
+    """Deleted and gone. Pods bound to a node are deleted as kubelet confirms a deletion (grace
+    period 0; no kubelet runs here): without it they never finish terminating, and the
+    namespace controller would wait out their grace period before looking again."""
+    if get_if_exists(api, f"/api/v1/namespaces/{ns}") is None:
+        return
+
+    def delete_bound_pods():
+        for pod in api.get(pods_path(ns))["items"]:
+            if pod["spec"].get("nodeName"):
+                delete_pod(api, ns, pod["metadata"]["name"])
+    delete_bound_pods()
+    api.delete(f"/api/v1/namespaces/{ns}")
 
     def gone():
-        for pod in api.get(pods_path(ns))["items"]:
-            if pod["metadata"].get("deletionTimestamp") and pod["spec"].get("nodeName"):
-                delete_pod(api, ns, pod["metadata"]["name"])
+        delete_bound_pods()
         return get_if_exists(api, f"/api/v1/namespaces/{ns}") is None
     wait_for(f"namespace {ns} deleted", gone, 180, interval=0.3)
 
@@ -177,9 +186,7 @@ def clear_earlier_installs(cluster, helm):
     deploy/'s objects deleted (README, "Remove"), `velero install`'s namespace, CRDs and
     ClusterRoleBindings deleted. Then nothing the guide creates exists yet."""
     api, kubectl = cluster.api, cluster.cp.kubectl
-    for release in helm_json(helm, "list", "--all-namespaces") or []:
-        if release["namespace"] == "cert-manager":
-            continue  # the guide's prerequisite (the cert_manager fixture), not an earlier install
+    for release in releases(helm):
         helm("uninstall", release["name"], "-n", release["namespace"], "--wait", "--timeout", "120s")
     manifests = getattr(cluster, "manifests", None)
     if manifests:
@@ -253,7 +260,8 @@ def local_ip():
     add = subprocess.run(["ip", "addr", "add", f"{LOCAL_IP}/32", "dev", "lo"],
                          capture_output=True, text=True)
     added = add.returncode == 0
-    if not added and "File exists" not in add.stderr:
+    # Already there ("File exists"; newer iproute2: "Address already assigned"): kept as found.
+    if not added and "File exists" not in add.stderr and "already assigned" not in add.stderr:
         pytest.fail(f"cannot add {LOCAL_IP} to lo (the cluster stage runs as root): {add.stderr}")
     try:
         yield LOCAL_IP
@@ -333,7 +341,7 @@ class GuideRun:
     def release_objects(self, helm):
         """What each release holds (helm get manifest), read before the Remove blocks."""
         out = {}
-        for release in helm_json(helm, "list", "--all-namespaces"):
+        for release in releases(helm):
             manifest = helm("get", "manifest", release["name"], "-n", release["namespace"])
             out[(release["name"], release["namespace"])] = manifest
         return out
@@ -345,19 +353,24 @@ class GuideRun:
         self.shell.close()
 
 
-def assert_removed(cluster, helm, releases):
-    """No release left, and none of the objects the releases held (kubectl get of each object of
-    each release's manifest finds nothing)."""
-    assert releases, "no Helm release was installed"
-    assert helm_json(helm, "list", "--all-namespaces") == [], "helm list after the Remove blocks"
-    for (name, ns), manifest in releases.items():
+def assert_removed(cluster, helm, installed):
+    """No release left (cert-manager's aside), and none of the objects the releases held
+    (kubectl get of each object of each release's manifest finds nothing)."""
+    assert installed, "no Helm release was installed"
+    assert releases(helm) == [], "helm list after the Remove blocks"
+    for (name, ns), manifest in installed.items():
         left = cluster.cp.kubectl("get", "-n", ns, "--ignore-not-found", "-o", "name", "-f", "-",
                                   input=manifest).stdout.split()
         assert not left, f"release {name} ({ns}): left after the Remove blocks: {left}"
-    hooks = [m["metadata"]["name"] for m in cluster.api.get(MWC)["items"]
-             if (m["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == "imds-broker"
-             or m["metadata"]["name"] == "imds-broker"]
+    hooks = imds_broker_hooks(cluster.api)
     assert not hooks, f"imds-broker MutatingWebhookConfigurations left: {hooks}"
+
+
+def imds_broker_hooks(api):
+    """Names of imds-broker's MutatingWebhookConfigurations (cert-manager's own may exist)."""
+    return [m["metadata"]["name"] for m in api.get(MWC)["items"]
+            if (m["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == "imds-broker"
+            or m["metadata"]["name"] == "imds-broker"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,25 +385,38 @@ def templates(api):
     return api.get(f"{APPS}/deployments/velero"), api.get(f"{APPS}/daemonsets/node-agent")
 
 
-def server_pod(api, dep):
-    """The ReplicaSet controller's pod for the Deployment's current template."""
-    selector = ",".join(f"{k}={v}" for k, v in dep["spec"]["selector"]["matchLabels"].items())
-
+def server_pod(api):
+    """The ReplicaSet controller's pod for the velero Deployment's current revision."""
     def current():
+        dep = api.get(f"{APPS}/deployments/velero")
+        revision = (dep["metadata"].get("annotations") or {}).get("deployment.kubernetes.io/revision")
+        selector = ",".join(f"{k}={v}" for k, v in dep["spec"]["selector"]["matchLabels"].items())
+        sets = [rs["metadata"]["uid"] for rs in api.get(
+            f"{APPS}/replicasets", query={"labelSelector": selector})["items"]
+            if rs["metadata"].get("annotations", {}).get("deployment.kubernetes.io/revision") == revision]
         for pod in api.get(pods_path(VELERO_NS), query={"labelSelector": selector})["items"]:
-            if pod["spec"]["containers"][0].get("env") == container0(dep).get("env"):
+            if any(o["uid"] in sets for o in pod["metadata"].get("ownerReferences", [])):
                 return pod
         return None
-    return wait_for("the velero server pod", current, 60, interval=0.2)
+    return wait_for("the velero server pod of the Deployment's current revision", current, 60,
+                    interval=0.2)
 
 
 def node_agent_pods(api):
     """One pod per node (the DaemonSet controller's; two Node objects here)."""
-    nodes = len(api.get("/api/v1/nodes")["items"])
-    return wait_for("a node-agent pod per node", lambda: (
-        lambda pods: pods if len(pods) == nodes else None)(
-        api.get(pods_path(VELERO_NS), query={"labelSelector": "name=node-agent"})["items"]), 60,
-        interval=0.2)
+    nodes = sorted(n["metadata"]["name"] for n in api.get("/api/v1/nodes")["items"])
+
+    def one_per_node():
+        pods = api.get(pods_path(VELERO_NS), query={"labelSelector": "name=node-agent"})["items"]
+        pinned = sorted(t["matchFields"][0]["values"][0] for p in pods for t in
+                        p["spec"]["affinity"]["nodeAffinity"]
+                        ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"])
+        if pinned != nodes:  # raised, so a timeout reports what there was
+            raise AssertionError(f"node-agent pods for {pinned}, nodes {nodes}")
+        return pods
+    # 120 s: under load the DaemonSet controller requeues with backoff while its informer lags
+    # its own writes ("read version … is not as new as written version"); seen past 60 s once.
+    return wait_for("a node-agent pod per node", one_per_node, 120, interval=0.2)
 
 
 def assert_velero_configured(api, values):
@@ -469,11 +495,11 @@ def node_guide(aks, cluster, chart_repo):
 
 @pytest.fixture(scope="module")
 def node_removed(node_guide, cluster, helm):
-    releases = node_guide.release_objects(helm)
+    installed = node_guide.release_objects(helm)
     node_guide.remove()
     print(f"node mode: install blocks {node_guide.seconds['install']:.1f}s, "
           f"Remove blocks {node_guide.seconds['remove']:.1f}s")
-    return releases
+    return installed
 
 
 def test_node_values_file_is_what_velero_env_prints(cluster):
@@ -488,8 +514,8 @@ def test_node_values_file_is_what_velero_env_prints(cluster):
     assert shipped == yaml.safe_load(res.stdout)
 
 
-def printed_env_names(output):
-    """`name: A B C` lines of the node-mode check block → {name: [A, B, C]}."""
+def printed_lists(output):
+    """`name: A B C` lines (the check blocks' jsonpath output) → {name: [A, B, C]}."""
     out = {}
     for line in output.splitlines():
         if line.strip():
@@ -500,7 +526,7 @@ def printed_env_names(output):
 
 def test_node_check_block_shows_the_env_on_both_templates(node_guide, cluster):
     block = find(blocks_for("node", False), "node-mode check", node_check_predicate)
-    printed = printed_env_names(node_guide.outputs[block.id])
+    printed = printed_lists(node_guide.outputs[block.id])
     assert set(printed) == {"velero", "node-agent"}, node_guide.outputs[block.id]
     dep, ds = templates(cluster.api)
     for obj in (dep, ds):
@@ -533,7 +559,7 @@ def test_node_broker_and_velero_installed(node_guide, cluster):
     assert image == f"{values['ACR']}.azurecr.io/imds-broker:{values['IMDS_BROKER_VERSION']}"
     secret = api.get(f"/api/v1/namespaces/{VELERO_NS}/secrets/{NODE}")
     assert len(base64.b64decode(secret["data"]["identity-header"])) >= 32
-    assert api.get(MWC)["items"] == [], "node mode installs no webhook"
+    assert imds_broker_hooks(api) == [], "node mode installs no webhook"
     assert_velero_configured(api, values)
     dep, ds = templates(api)
     for obj in (dep, ds):
@@ -555,7 +581,7 @@ def test_node_velero_pods_inherit_the_env(node_guide, cluster):
     guide's demo PVC and the repository-maintenance Job's pod (Job controller)."""
     api = cluster.api
     dep, ds = templates(api)
-    assert_inherits(server_pod(api, dep), dep)
+    assert_inherits(server_pod(api), dep)
     for pod in node_agent_pods(api):
         assert_inherits(pod, ds)
     # The scheduler's part for the demo pod (managed-csi binds on first consumer): the node it
@@ -623,7 +649,7 @@ def sidecar_guide(node_removed, cluster, chart_repo, request):
 
     def server_pod_created():
         """The seconds a reader takes to type the check: the ReplicaSet controller's pod."""
-        server_pod(api, api.get(f"{APPS}/deployments/velero"))
+        server_pod(api)
 
     before = {velero_install_block(install).id: webhook_pod_running,
               find(install, "sidecar-mode check", sidecar_check_predicate).id: server_pod_created}
@@ -639,7 +665,7 @@ def sidecar_guide(node_removed, cluster, chart_repo, request):
 @pytest.fixture(scope="module")
 def sidecar_removed(sidecar_guide, cluster, helm):
     run = sidecar_guide["run"]
-    releases = run.release_objects(helm)
+    installed = run.release_objects(helm)
     run.remove()
     # kubelet's part once the Deployment is gone: the process stops, the bound pod's deletion
     # is confirmed.
@@ -647,14 +673,14 @@ def sidecar_removed(sidecar_guide, cluster, helm):
     delete_pod(cluster.api, WEBHOOK_NS, sidecar_guide["pod"])
     print(f"sidecar mode: install blocks {run.seconds['install']:.1f}s, "
           f"Remove blocks {run.seconds['remove']:.1f}s")
-    return releases
+    return installed
 
 
 def test_sidecar_check_block_shows_the_injected_server_pod(sidecar_guide, cluster):
     run = sidecar_guide["run"]
     block = find(blocks_for("sidecar", False), "sidecar-mode check", sidecar_check_predicate)
-    printed = printed_env_names(run.outputs[block.id])
-    pod = server_pod(cluster.api, cluster.api.get(f"{APPS}/deployments/velero"))
+    printed = printed_lists(run.outputs[block.id])
+    pod = server_pod(cluster.api)
     assert printed == {pod["metadata"]["name"]: [SIDECAR, "velero-plugin-for-microsoft-azure"]}, \
         run.outputs[block.id]
 
@@ -668,15 +694,16 @@ def test_sidecar_server_and_node_agent_are_injected(sidecar_guide, cluster):
     configuration and cert-manager's certificate."""
     api = cluster.api
     values = sidecar_guide["run"].values
-    dep, _ = templates(api)
-    for pod in [server_pod(api, dep), *node_agent_pods(api)]:
+    for pod in [server_pod(api), *node_agent_pods(api)]:
         assert "imds-broker.io/sidecar" in pod["metadata"]["labels"], pod["metadata"]["name"]
         assert_injected(pod, values["CLIENT_ID"], values["TENANT_ID"])
 
 
 def test_sidecar_maintenance_job_pod_is_injected_by_job_name(sidecar_guide, cluster):
-    """The Job controller's pod for Velero 1.18's maintenance Job is selected by the webhook's
-    batch.kubernetes.io/job-name entry (Velero 1.16-1.18.2 Job pods lack velero.io/repo-name)."""
+    """The Job controller's pod for Velero 1.18's maintenance Job is injected, and the chart's
+    webhooks select on batch.kubernetes.io/job-name, which the Job controller sets on every Job
+    pod (Velero 1.16-1.18.2 Job pods lack velero.io/repo-name; the driver is 1.18.3, whose pods
+    carry both, so this pod alone does not show which entry matched)."""
     api = cluster.api
     keys = [e["key"] for h in api.get(f"{MWC}/imds-broker")["webhooks"]
             for e in (h.get("objectSelector") or {}).get("matchExpressions", [])]
