@@ -3,7 +3,8 @@
 # kube-apiserver, kube-controller-manager, kubectl and etcd from the Go module proxy
 # (tests/cluster/k8s), the Velero CLI + pod-creating driver for each Velero version
 # (tests/cluster/velero-v*), helm (scripts/build-packaging-tools), the debug imds-broker binary
-# and the fake Entra, then runs the pytest suite in tests/cluster against them.
+# and the fake Entra, fetches Velero's Helm chart and the VolumeSnapshot CRDs (Go modules), then
+# runs the pytest suite in tests/cluster against them.
 #
 #   scripts/test-cluster.sh                 everything
 #   scripts/test-cluster.sh -k restricted   extra arguments go to pytest
@@ -69,10 +70,56 @@ for dir in tests/cluster/velero-v1.15 tests/cluster/velero-v1.18; do
   VELERO_VERSIONS+=" $version"
 done
 
-# helm, for installing charts/imds-broker on the API server (test_04_helm.py); the same pinned
-# build the packaging stage uses, cached per pin.
+# helm, for installing charts/imds-broker on the API server (test_04_helm.py) and running the
+# guide's helm commands (test_06_guide.py); the same pinned build the packaging stage uses,
+# cached per pin.
 HELM_BIN="$(scripts/build-packaging-tools | tail -n1)/helm"
 export HELM_BIN
+
+# What docs/velero-on-aks.md needs besides the binaries (test_06_guide.py): Velero's Helm chart
+# and the VolumeSnapshot CRDs AKS installs. Both come as Go modules of their repositories through
+# the module proxy (the chart has no other registry the tests can reach), checked against
+# sum.golang.org on first download and against the h1: sums pinned here on every run.
+# module_dir MODULE@VERSION H1SUM: prints the module's directory in the module cache.
+module_dir() {
+  local json sum tmp
+  # Outside any module: `go mod download MODULE@VERSION` then needs no go.mod to record it in.
+  tmp="$(mktemp -d)"
+  json="$(cd "$tmp" && GOFLAGS=-mod=mod go mod download -json "$1")" \
+    || { rmdir "$tmp"; echo "go mod download $1 failed: $json" >&2; return 1; }
+  rmdir "$tmp"
+  sum="$(sed -n 's/^\s*"Sum": "\(.*\)",\?$/\1/p' <<<"$json")"
+  [[ "$sum" == "$2" ]] || { echo "$1: sum $sum, pinned $2 (changed pin? update it here)" >&2; return 1; }
+  sed -n 's/^\s*"Dir": "\(.*\)",\?$/\1/p' <<<"$json"
+}
+# vmware-tanzu/helm-charts at tag velero-12.1.0 (commit 73466ca), the chart the guide installs.
+VELERO_CHART_MODULE=github.com/vmware-tanzu/helm-charts@v0.0.0-20260625104947-73466ca986bb
+VELERO_CHART_SUM="h1:c0O1VKJLtJpeYGt9QkClrI93u9RK4f7WHO5pVKkbHFI="
+SNAPSHOT_MODULE=github.com/kubernetes-csi/external-snapshotter/client/v8@v8.7.0
+SNAPSHOT_SUM="h1:HVaSUeRRHPu49aSiL8eXOjS9Re9G6pM0NzdTGI7mM14="
+
+# Velero's chart packaged as a Helm repository (a .tgz and index.yaml with relative URLs; the
+# test serves the directory on 127.0.0.1), cached per pin.
+VELERO_CHART_REPO_DIR="$OUT/velero-chart-$(echo "$VELERO_CHART_MODULE $VELERO_CHART_SUM" | sha256sum | cut -c1-16)"
+if [[ ! -f "$VELERO_CHART_REPO_DIR/index.yaml" ]]; then
+  echo "--- Velero chart from $VELERO_CHART_MODULE"
+  dir="$(module_dir "$VELERO_CHART_MODULE" "$VELERO_CHART_SUM")"
+  rm -rf "$VELERO_CHART_REPO_DIR" "$VELERO_CHART_REPO_DIR.tmp" && mkdir -p "$VELERO_CHART_REPO_DIR.tmp"
+  "$HELM_BIN" package "$dir/charts/velero" --destination "$VELERO_CHART_REPO_DIR.tmp" >/dev/null
+  "$HELM_BIN" repo index "$VELERO_CHART_REPO_DIR.tmp"
+  mv "$VELERO_CHART_REPO_DIR.tmp" "$VELERO_CHART_REPO_DIR"
+fi
+export VELERO_CHART_REPO_DIR
+SNAPSHOT_CRDS_DIR="$OUT/snapshot-crds-$(echo "$SNAPSHOT_MODULE $SNAPSHOT_SUM" | sha256sum | cut -c1-16)"
+if [[ ! -f "$SNAPSHOT_CRDS_DIR/.done" ]]; then
+  echo "--- VolumeSnapshot CRDs from $SNAPSHOT_MODULE"
+  dir="$(module_dir "$SNAPSHOT_MODULE" "$SNAPSHOT_SUM")"
+  rm -rf "$SNAPSHOT_CRDS_DIR" && mkdir -p "$SNAPSHOT_CRDS_DIR"
+  # The three snapshot.storage.k8s.io CRDs (AKS installs these, not the group-snapshot ones).
+  cp "$dir"/config/crd/snapshot.storage.k8s.io_*.yaml "$SNAPSHOT_CRDS_DIR/"
+  touch "$SNAPSHOT_CRDS_DIR/.done"
+fi
+export SNAPSHOT_CRDS_DIR
 
 echo "--- cargo build (imds-broker, fake_entra example)"
 cargo build --locked --quiet --bin imds-broker --example fake_entra
