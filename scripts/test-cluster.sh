@@ -2,9 +2,10 @@
 # The webhook against a real Kubernetes control plane (docs/cluster-tests.md): builds
 # kube-apiserver, kube-controller-manager, kubectl and etcd from the Go module proxy
 # (tests/cluster/k8s), the Velero CLI + pod-creating driver for each Velero version
-# (tests/cluster/velero-v*), helm (scripts/build-packaging-tools), the debug imds-broker binary
-# and the fake Entra, fetches Velero's Helm chart and the VolumeSnapshot CRDs (Go modules), then
-# runs the pytest suite in tests/cluster against them.
+# (tests/cluster/velero-v*), cert-manager's controller, cainjector and webhook
+# (tests/cluster/cert-manager), helm (scripts/build-packaging-tools), the debug imds-broker
+# binary and the fake Entra, fetches Velero's Helm chart and the VolumeSnapshot CRDs (Go
+# modules), then runs the pytest suite in tests/cluster against them.
 #
 #   scripts/test-cluster.sh                 everything
 #   scripts/test-cluster.sh -k restricted   extra arguments go to pytest
@@ -69,6 +70,20 @@ for dir in tests/cluster/velero-v1.15 tests/cluster/velero-v1.18; do
   VELERO_BINS+="${VELERO_BINS:+,}$version=$OUT/$name-$version/$name"
   VELERO_VERSIONS+=" $version"
 done
+
+# cert-manager's controller, cainjector and webhook (our own mains in tests/cluster/cert-manager,
+# linked against the release module from the proxy) and its chart from the same module
+# release, for the `cert_manager` fixture (test_07_cert_manager.py).
+CM_DIR=tests/cluster/cert-manager
+CERT_MANAGER_VERSION="$(module_version "$CM_DIR" github.com/cert-manager/cert-manager)"
+CERT_MANAGER_BIN_DIR="$OUT/cert-manager-$CERT_MANAGER_VERSION"
+build_module "$CM_DIR" "$CERT_MANAGER_BIN_DIR" \
+  "-X github.com/cert-manager/cert-manager/pkg/util.AppVersion=$CERT_MANAGER_VERSION" \
+  ./controller ./cainjector ./webhook
+CERT_MANAGER_CHART="$(cd "$CM_DIR" && go mod download -json github.com/cert-manager/cert-manager \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')/deploy/charts/cert-manager"
+[[ -f "$CERT_MANAGER_CHART/Chart.yaml" ]] || { echo "no chart at $CERT_MANAGER_CHART"; exit 1; }
+export CERT_MANAGER_VERSION CERT_MANAGER_BIN_DIR CERT_MANAGER_CHART
 
 # helm, for installing charts/imds-broker on the API server (test_04_helm.py) and running the
 # guide's helm commands (test_06_guide.py); the same pinned build the packaging stage uses,
@@ -135,6 +150,6 @@ export VELERO_BINS
 export IMDS_BROKER_BIN="$TARGET/debug/imds-broker"
 export FAKE_ENTRA_BIN="$TARGET/debug/examples/fake_entra"
 export CLUSTER_RUN_DIR="$ROOT/target/cluster-run"
-echo "--- pytest tests/cluster (Kubernetes $K8S_VERSION, Velero$VELERO_VERSIONS)"
+echo "--- pytest tests/cluster (Kubernetes $K8S_VERSION, Velero$VELERO_VERSIONS, cert-manager $CERT_MANAGER_VERSION)"
 cd tests/cluster
 exec ../../.venv/bin/python -m pytest "$@"

@@ -8,6 +8,10 @@ Inputs (set by scripts/test-cluster.sh):
   IMDS_BROKER_BIN     the cargo-built imds-broker binary
   FAKE_ENTRA_BIN      the cargo-built fake_entra example
   CLUSTER_RUN_DIR     where logs, certificates and state go (kept for inspection)
+  HELM_BIN            the real helm (charts/imds-broker, cert-manager's chart)
+  CERT_MANAGER_BIN_DIR, CERT_MANAGER_CHART, CERT_MANAGER_VERSION
+                      cert-manager's controller, cainjector and webhook, its chart from the
+                      same module release, and that release (the `cert_manager` fixture)
 """
 
 import json
@@ -22,7 +26,9 @@ import pytest
 import yaml
 
 import harness
-from harness import Api, ControlPlane, Proc, free_port, wait_for
+from harness import (Api, ControlPlane, LocalAddresses, Proc, container_env, expand_args,
+                     free_port, make_pod_ready, project_secret, wait_for,
+                     wait_for_ready_endpoint)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VELERO_NS = "velero"
@@ -203,6 +209,27 @@ class Cluster:
     def stop_webhook(self):
         self.webhook.stop()
 
+    def run_webhook_as_deployed(self, name, ns, deployment, ip):
+        """`imds-broker webhook` as a pod of the stored Deployment `ns/deployment` runs it: its
+        args and env, the Secret its `tls` volume mounts projected into a directory as kubelet
+        does (project_secret; call it again with the Secret's new data after a renewal), the
+        Deployment's ServiceAccount as its API identity (a TokenRequest token), listening on
+        ip:<the https containerPort>. Returns (Proc, container, tls_dir, port)."""
+        api = self.api
+        dep = api.get(f"/apis/apps/v1/namespaces/{ns}/deployments/{deployment}")
+        pod = dep["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        port = next(p["containerPort"] for p in container["ports"] if p["name"] == "https")
+        volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+        secret = api.get(f"/api/v1/namespaces/{ns}/secrets/{volume['secret']['secretName']}")
+        tls = os.path.join(self.dir, f"{name}-tls")
+        project_secret(tls, secret["data"])
+        token = self.cp.write_secret_file(
+            f"{name}-sa.token", self.cp.token_request(ns, pod["serviceAccountName"]))
+        proc = self.run_webhook(name, container, listen=f"{ip}:{port}", admin_port=free_port(),
+                                tls_dir=tls, token_file=token)
+        return proc, container, tls, port
+
     def webhook_metrics(self):
         with urllib.request.urlopen(
                 f"http://127.0.0.1:{self.webhook_admin_port}/metrics", timeout=5) as r:
@@ -315,16 +342,215 @@ def api(cluster):
     return cluster.api
 
 
-@pytest.fixture(scope="module")
-def helm(cluster):
+def run_helm(cluster, *args):
     """The real `helm` (HELM_BIN: the packaging stage's pinned build) against this API server;
     returns its stdout, fails the test with its output on a non-zero exit."""
-    binary = env_path("HELM_BIN")
+    res = subprocess.run([env_path("HELM_BIN"), "--kubeconfig", cluster.cp.kubeconfig, *args],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, f"helm {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
+    return res.stdout
 
-    def run(*args):
-        res = subprocess.run([binary, "--kubeconfig", cluster.cp.kubeconfig, *args],
-                             capture_output=True, text=True, timeout=180)
-        assert res.returncode == 0, f"helm {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
-        return res.stdout
 
-    return run
+@pytest.fixture(scope="module")
+def helm(cluster):
+    return lambda *args: run_helm(cluster, *args)
+
+
+@pytest.fixture(scope="session")
+def local_addresses():
+    """Adds addresses to `lo` for "pods" (LocalAddresses); removes what it added at the end."""
+    addresses = LocalAddresses()
+    try:
+        yield addresses
+    finally:
+        addresses.remove_all()
+
+
+# -- cert-manager ------------------------------------------------------------------------------
+
+CERT_MANAGER_NS = "cert-manager"
+CERT_MANAGER_RELEASE = "cert-manager"
+# The address of the cert-manager webhook's "pod" (on lo), where the API server calls it.
+CERT_MANAGER_WEBHOOK_IP = "10.255.254.2"
+
+
+class CertManager:
+    """cert-manager as its own Helm chart installs it, with its three components running here.
+
+    The chart (deploy/charts/cert-manager of the pinned module release, rendered by the real
+    helm with `crds.enabled=true`) creates the CRDs, ServiceAccounts, RBAC, Deployments,
+    Services and the webhook configurations, unchanged but for three values: the post-install
+    startupapicheck Job is off (no kubelet runs it, so helm would wait for it until timeout),
+    the webhook's securePort is a free port (the cert-manager webhook listens on all
+    interfaces), and the chart version is the release's (its release tool stamps it). Each
+    Deployment's container is then run as a local process, with the Deployment's args (the
+    $(POD_NAMESPACE) references expanded as kubelet does) and a kubeconfig holding a
+    TokenRequest token of the Deployment's own ServiceAccount, so the chart's RBAC is what they
+    get. Added locally: --kubeconfig, --leader-elect=false, and metrics/health listeners on
+    free 127.0.0.1 ports. The webhook's pod is marked Ready at CERT_MANAGER_WEBHOOK_IP, so the
+    API server calls it through the chart's Service and verifies the certificate the webhook
+    issues itself, whose CA the cainjector puts into the webhook configurations, as in a
+    cluster.
+
+    ensure() is idempotent: it installs or upgrades the release and starts only what is not
+    running, then waits until cert-manager has issued a Certificate end to end.
+    """
+
+    COMPONENTS = ("webhook", "cainjector", "controller")
+
+    def __init__(self, cluster, addresses):
+        self.cluster = cluster
+        self.addresses = addresses
+        self.bin_dir = env_path("CERT_MANAGER_BIN_DIR")
+        self.chart_src = env_path("CERT_MANAGER_CHART")
+        self.version = env_path("CERT_MANAGER_VERSION")
+        self.procs = {}
+        self.webhook_port = None
+        self.health = {}
+
+    @property
+    def api(self):
+        return self.cluster.api
+
+    def deployment_name(self, component):
+        return CERT_MANAGER_RELEASE if component == "controller" else f"{CERT_MANAGER_RELEASE}-{component}"
+
+    def chart(self):
+        """The module's chart, copied (the module cache is read-only) and stamped with the
+        release's version as cert-manager's release tool does."""
+        chart = os.path.join(self.cluster.dir, "cert-manager-chart")
+        if not os.path.isdir(chart):
+            shutil.copytree(self.chart_src, chart)
+            for root, dirs, files in os.walk(chart):
+                for name in dirs + files:
+                    os.chmod(os.path.join(root, name), 0o755 if name in dirs else 0o644)
+            os.chmod(chart, 0o755)
+            path = os.path.join(chart, "Chart.yaml")
+            with open(path) as f:
+                meta = yaml.safe_load(f)
+            meta["version"] = meta["appVersion"] = self.version
+            with open(path, "w") as f:
+                yaml.safe_dump(meta, f, sort_keys=False)
+        return chart
+
+    def install(self):
+        if self.webhook_port is None:
+            self.webhook_port = free_port()
+        run_helm(self.cluster, "upgrade", "--install", CERT_MANAGER_RELEASE, self.chart(),
+                 "-n", CERT_MANAGER_NS, "--create-namespace",
+                 "--set", "crds.enabled=true",
+                 "--set", "startupapicheck.enabled=false",
+                 "--set", f"webhook.securePort={self.webhook_port}")
+
+    def start(self, component):
+        ns = CERT_MANAGER_NS
+        cp = self.cluster.cp
+        dep = self.api.get(f"/apis/apps/v1/namespaces/{ns}/deployments/{self.deployment_name(component)}")
+        pod = dep["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = container_env(container, ns)
+        sa = pod["serviceAccountName"]
+        kubeconfig = os.path.join(cp.dir, f"cert-manager-{component}.kubeconfig")
+        cp.write_kubeconfig(kubeconfig, {"token": cp.token_request(ns, sa, seconds=86400)})
+        health = free_port()
+        local = [f"--kubeconfig={kubeconfig}", f"--metrics-listen-address=127.0.0.1:{free_port()}"]
+        if component == "controller":
+            local += ["--leader-elect=false", f"--internal-healthz-listen-address=127.0.0.1:{health}"]
+            url = f"http://127.0.0.1:{health}/livez"
+        elif component == "cainjector":
+            local += ["--leader-elect=false"]
+            url = None
+        else:
+            local += [f"--healthz-port={health}"]
+            url = f"http://127.0.0.1:{health}/healthz"
+        argv = [os.path.join(self.bin_dir, component),
+                *expand_args(container.get("args", []), env), *local]
+        proc = Proc(f"cert-manager-{component}", argv, self.cluster.dir,
+                    env={"PATH": os.environ.get("PATH", ""), **env}).start()
+        self.procs[component] = proc
+        if url:
+            wait_for(f"cert-manager {component} {url}", lambda: urllib.request.urlopen(
+                url, timeout=2).status == 200, 60, proc=proc.popen, log=proc.log)
+
+    def ensure(self):
+        if self.procs and all(p.running() for p in self.procs.values()):
+            return self
+        api = self.api
+        self.addresses.add(CERT_MANAGER_WEBHOOK_IP)
+        self.install()
+        for component in self.COMPONENTS:
+            if component not in self.procs or not self.procs[component].running():
+                self.start(component)
+        webhook = self.deployment_name("webhook")
+        make_pod_ready(api, CERT_MANAGER_NS, f"app.kubernetes.io/instance={CERT_MANAGER_RELEASE},"
+                       "app.kubernetes.io/component=webhook", CERT_MANAGER_WEBHOOK_IP)
+        wait_for_ready_endpoint(api, CERT_MANAGER_NS, webhook, CERT_MANAGER_WEBHOOK_IP)
+
+        # The webhook made its CA; the cainjector put it into both webhook configurations.
+        def injected():
+            ca = api.get(f"/api/v1/namespaces/{CERT_MANAGER_NS}/secrets/{webhook}-ca")["data"]["ca.crt"]
+            configs = [api.get(f"/apis/admissionregistration.k8s.io/v1/{kind}/{webhook}")
+                       for kind in ("validatingwebhookconfigurations", "mutatingwebhookconfigurations")]
+            return all(w["clientConfig"].get("caBundle") == ca for c in configs for w in c["webhooks"])
+        wait_for("the cainjector's caBundle in cert-manager's webhook configurations", injected, 60,
+                 proc=self.procs["cainjector"].popen, log=self.procs["cainjector"].log)
+
+        # End to end, as cert-manager's startupapicheck does and more: an Issuer and a Certificate
+        # admitted through the webhook, issued by the controller.
+        probe = [
+            {"apiVersion": "cert-manager.io/v1", "kind": "Issuer",
+             "metadata": {"name": "readiness-probe", "namespace": CERT_MANAGER_NS},
+             "spec": {"selfSigned": {}}},
+            {"apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+             "metadata": {"name": "readiness-probe", "namespace": CERT_MANAGER_NS},
+             "spec": {"secretName": "readiness-probe", "commonName": "readiness-probe",
+                      "issuerRef": {"kind": "Issuer", "name": "readiness-probe"}}},
+        ]
+        # The webhook may refuse until the API server has picked up the injected caBundle.
+        wait_for("an Issuer and a Certificate admitted by cert-manager's webhook", lambda: self.cluster.cp.kubectl(
+            "apply", "--server-side", "--field-manager", "cluster-test", "-f", "-",
+            input=yaml.safe_dump_all(probe)), 60, log=self.procs["webhook"].log)
+        self.wait_certificate_ready(CERT_MANAGER_NS, "readiness-probe", 60)
+        return self
+
+    def certificate(self, ns, name):
+        return self.api.get(f"/apis/cert-manager.io/v1/namespaces/{ns}/certificates/{name}")
+
+    def wait_certificate_ready(self, ns, name, timeout, revision=None):
+        """Until the Certificate is Ready (and, if given, at least at `revision`)."""
+        def ready():
+            status = self.certificate(ns, name).get("status", {})
+            ok = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+            return status if ok and status.get("revision", 0) >= (revision or 0) else None
+        return wait_for(f"Certificate {ns}/{name} Ready", ready, timeout,
+                        proc=self.procs["controller"].popen, log=self.procs["controller"].log)
+
+    def renew(self, ns, name):
+        """What `cmctl renew` does: the Issuing condition set to True (ManuallyTriggered) on the
+        Certificate's status; the controller then issues a new certificate."""
+        crt = self.certificate(ns, name)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        conditions = [c for c in crt["status"].get("conditions", []) if c["type"] != "Issuing"]
+        conditions.append({"type": "Issuing", "status": "True", "reason": "ManuallyTriggered",
+                           "message": "Certificate re-issuance manually triggered",
+                           "lastTransitionTime": now,
+                           "observedGeneration": crt["metadata"]["generation"]})
+        self.api.request("PUT", f"/apis/cert-manager.io/v1/namespaces/{ns}/certificates/{name}/status",
+                         {**crt, "status": {**crt["status"], "conditions": conditions}})
+        return crt["status"].get("revision", 0)
+
+    def stop(self):
+        for component in reversed(self.COMPONENTS):
+            proc = self.procs.pop(component, None)
+            if proc:
+                proc.stop()
+
+
+@pytest.fixture(scope="session")
+def cert_manager(cluster, local_addresses):
+    """cert-manager (CertManager) installed and running for the rest of the session."""
+    cm = CertManager(cluster, local_addresses)
+    try:
+        yield cm.ensure()
+    finally:
+        cm.stop()

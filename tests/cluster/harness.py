@@ -14,6 +14,8 @@ Nothing here prints a token: tokens are written to files (mode 0600) in the run 
 import base64
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import ssl
@@ -356,6 +358,159 @@ class ControlPlane:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         return path
+
+
+# ---------------------------------------------------------------------------------------------
+# kubelet's part (there is no kubelet): addresses for "pods", Ready pods, env expansion in
+# args, Secret volumes
+
+
+class LocalAddresses:
+    """Addresses of this host the API server can route to that are not loopback (Endpoints
+    refuse 127.0.0.0/8), kept on the loopback interface: nothing leaves the machine. Each is
+    added once and removed by remove_all(), only if this run added it."""
+
+    def __init__(self):
+        self.added = []
+
+    def add(self, ip):
+        if ip in self.added:
+            return ip
+        res = subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", "lo"],
+                             capture_output=True, text=True)
+        if res.returncode == 0:
+            self.added.append(ip)
+        elif "File exists" not in res.stderr:
+            raise RuntimeError(f"cannot add {ip} to lo (the cluster stage runs as root): {res.stderr}")
+        return ip
+
+    def remove_all(self):
+        while self.added:
+            subprocess.run(["ip", "addr", "del", f"{self.added.pop()}/32", "dev", "lo"],
+                           capture_output=True)
+
+
+def make_pod_ready(api, ns, selector, ip, node="node-1"):
+    """kubelet's part: the first pod matching `selector` (made by a Deployment's ReplicaSet)
+    bound to a node and Ready at `ip`. Returns the pod's name."""
+    pods = wait_for(f"pods {selector} in {ns}", lambda: api.get(
+        pods_path(ns), query={"labelSelector": selector})["items"] or None, 60)
+    pod = pods[0]
+    name = pod["metadata"]["name"]
+    if not pod["spec"].get("nodeName"):
+        api.post(f"{pods_path(ns, name)}/binding", {
+            "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
+    containers = pod["spec"]["containers"]
+    api.patch(f"{pods_path(ns, name)}/status", {"status": {
+        "phase": "Running", "hostIP": ip, "podIP": ip, "podIPs": [{"ip": ip}],
+        "conditions": [{"type": t, "status": "True"} for t in
+                       ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+        "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": True,
+                               "restartCount": 0, "started": True,
+                               "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
+                              for c in containers]}})
+    return name
+
+
+def wait_for_ready_endpoint(api, ns, service, ip, timeout=60):
+    """Until the Service's EndpointSlices hold `ip` as a ready endpoint (the EndpointSlice
+    controller's work after make_pod_ready)."""
+    def ready():
+        slices = api.get(f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
+                         query={"labelSelector": f"kubernetes.io/service-name={service}"})["items"]
+        return any(ip in ep["addresses"] and ep.get("conditions", {}).get("ready")
+                   for s in slices for ep in s.get("endpoints") or [])
+    wait_for(f"the Service {ns}/{service}'s endpoint at {ip}", ready, timeout)
+
+
+def container_env(container, namespace):
+    """A container's env as kubelet resolves it for a pod in `namespace`: literal values and
+    the metadata.namespace fieldRef (the only downward-API field the charts here use)."""
+    env = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif (e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")) == "metadata.namespace":
+            env[e["name"]] = namespace
+    return env
+
+
+def expand_args(args, env):
+    """kubelet's $(VAR) expansion of container args ($$ escapes, unknown names stay as they are)."""
+    return [re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), a)
+            for a in args]
+
+
+def project_secret(directory, data):
+    """Writes a Secret's data into `directory` as kubelet updates a Secret volume (its
+    AtomicWriter): the files go into a new timestamped directory, `..data` is swapped to it by
+    one rename, and each key is a symlink through `..data`, so a reader sees either the old or
+    the new set, never a mix."""
+    os.makedirs(directory, exist_ok=True)
+    stamp = time.strftime("..%Y_%m_%d_%H_%M_%S.") + str(time.monotonic_ns() % 1_000_000_000)
+    payload = os.path.join(directory, stamp)
+    os.mkdir(payload, 0o700)
+    for key, value in data.items():
+        fd = os.open(os.path.join(payload, key), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(base64.b64decode(value))
+    link = os.path.join(directory, "..data")
+    old = os.readlink(link) if os.path.islink(link) else None
+    tmp = os.path.join(directory, "..data_tmp")
+    os.symlink(stamp, tmp)
+    os.rename(tmp, link)
+    for key in data:
+        path = os.path.join(directory, key)
+        if not os.path.islink(path):
+            os.symlink(os.path.join("..data", key), path)
+    if old:
+        shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+
+
+def served_certificate(host, port, server_name=None):
+    """The PEM certificate a TLS server presents (no verification: the caller compares it)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout=5) as sock:
+        with ctx.wrap_socket(sock, server_hostname=server_name or host) as tls:
+            return ssl.DER_cert_to_PEM_cert(tls.getpeercert(binary_form=True))
+
+
+def x509_fields(pem, cwd):
+    """serial, subject, issuer, SANs (list) and CA flag of a PEM certificate, by openssl."""
+    res = subprocess.run(["openssl", "x509", "-noout", "-serial", "-subject", "-issuer",
+                          "-ext", "subjectAltName,basicConstraints", "-nameopt", "RFC2253"],
+                         input=pem, capture_output=True, text=True, cwd=cwd, check=True)
+    out = res.stdout
+    fields = {"sans": [], "ca": False}
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("serial="):
+            fields["serial"] = line.split("=", 1)[1]
+        elif line.startswith("subject="):
+            fields["subject"] = line.split("=", 1)[1]
+        elif line.startswith("issuer="):
+            fields["issuer"] = line.split("=", 1)[1]
+        elif "Subject Alternative Name" in line and i + 1 < len(lines):
+            fields["sans"] = [n.strip() for n in lines[i + 1].split(",")]
+        elif "CA:TRUE" in line:
+            fields["ca"] = True
+    return fields
+
+
+def verify_chain(leaf_pem, ca_pem, workdir, purpose="sslserver"):
+    """openssl verify of `leaf_pem` against `ca_pem` only; returns (ok, output)."""
+    ca_path = os.path.join(workdir, "verify-ca.pem")
+    leaf_path = os.path.join(workdir, "verify-leaf.pem")
+    for path, pem in ((ca_path, ca_pem), (leaf_path, leaf_pem)):
+        with open(path, "w") as f:
+            f.write(pem)
+    res = subprocess.run(["openssl", "verify", "-purpose", purpose, "-CAfile", ca_path, leaf_path],
+                         capture_output=True, text=True)
+    return res.returncode == 0, (res.stdout + res.stderr).strip()
 
 
 def jwt_claims(token):

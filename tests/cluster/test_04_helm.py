@@ -4,7 +4,7 @@ chart's own MutatingWebhookConfiguration, Service and certificate, upgrade, unin
 
 Nothing of the chart's output is changed. What a cluster would add is played here: there is no
 kubelet, so one of the Deployment's pods is bound to a node and marked Ready with an address the
-test adds to the loopback interface (10.255.254.1/32, removed at the end), where a local
+test adds to the loopback interface (10.255.254.1/32, removed after the session), where a local
 `imds-broker webhook` runs with the Deployment's own args and env and the chart's Secret. The
 API server (started with `--enable-aggregator-routing`, as its service resolution for webhooks
 then goes to the Service's endpoints instead of its ClusterIP) finds that pod through the
@@ -15,7 +15,6 @@ Runs last. Its cluster-scoped objects are named after the release, so they never
 namespaces and their pods stay, as everything else in this throw-away control plane does.
 """
 
-import base64
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 from checks import (assert_injected, assert_untouched, create_pod, env_of, fixture_pod,
                     get_if_exists)
 from conftest import env_path
-from harness import free_port, pods_path, wait_for
+from harness import make_pod_ready, wait_for_ready_endpoint
 
 RELEASE = "ibhelm"
 NS = "imds-broker-helm"
@@ -42,19 +41,8 @@ VALUES = ["--set", "image.repository=registry.example/imds-broker",
 
 
 @pytest.fixture(scope="module")
-def local_ip():
-    """An address of this host the API server can route to that is not loopback (Endpoints
-    refuse 127.0.0.0/8), kept on the loopback interface: nothing leaves the machine."""
-    add = subprocess.run(["ip", "addr", "add", f"{LOCAL_IP}/32", "dev", "lo"],
-                         capture_output=True, text=True)
-    added = add.returncode == 0
-    if not added and "File exists" not in add.stderr:
-        pytest.fail(f"cannot add {LOCAL_IP} to lo (the cluster stage runs as root): {add.stderr}")
-    try:
-        yield LOCAL_IP
-    finally:
-        if added:  # only what this run added
-            subprocess.run(["ip", "addr", "del", f"{LOCAL_IP}/32", "dev", "lo"], capture_output=True)
+def local_ip(local_addresses):
+    return local_addresses.add(LOCAL_IP)
 
 
 @pytest.fixture(scope="module")
@@ -115,57 +103,13 @@ def test_helm_install_stores_every_object(installed, cluster):
         assert h["namespaceSelector"]["matchExpressions"][0]["values"] == [APP_NS]
 
 
-def make_one_pod_ready(api, ip):
-    """kubelet's part: one of the Deployment's pods bound to a node and Ready at `ip`."""
-    pods = wait_for("the Deployment's pods", lambda: api.get(
-        pods_path(NS), query={"labelSelector": f"app.kubernetes.io/instance={RELEASE}"})["items"] or None, 60)
-    pod = pods[0]
-    name = pod["metadata"]["name"]
-    api.post(f"{pods_path(NS, name)}/binding", {
-        "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-        "target": {"apiVersion": "v1", "kind": "Node", "name": "node-1"}})
-    containers = pod["spec"]["containers"]
-    api.patch(f"{pods_path(NS, name)}/status", {"status": {
-        "phase": "Running", "hostIP": ip, "podIP": ip, "podIPs": [{"ip": ip}],
-        "conditions": [{"type": t, "status": "True"} for t in
-                       ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
-        "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": True,
-                               "restartCount": 0, "started": True,
-                               "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
-                              for c in containers]}})
-    return name
-
-
-def start_webhook_as_deployed(cluster, ip):
-    """`imds-broker webhook` with the stored Deployment's args and env, the chart's Secret as its
-    certificate and the chart's ServiceAccount as its API identity; on ip:8443, the pod port."""
-    api = cluster.api
-    dep = api.get(f"/apis/apps/v1/namespaces/{NS}/deployments/{WEBHOOK}")
-    container = dep["spec"]["template"]["spec"]["containers"][0]
-    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "https")
-    secret = api.get(f"/api/v1/namespaces/{NS}/secrets/{FULL}-webhook-tls")
-    tls = os.path.join(cluster.dir, "helm-tls")
-    os.makedirs(tls, exist_ok=True)
-    for key in ("tls.crt", "tls.key"):
-        cluster.cp.write_secret_file(f"helm-tls/{key}", base64.b64decode(secret["data"][key]).decode())
-    token = cluster.cp.write_secret_file("helm-webhook-sa.token", cluster.cp.token_request(NS, WEBHOOK))
-    proc = cluster.run_webhook("imds-broker-webhook-helm", container, listen=f"{ip}:{port}",
-                               admin_port=free_port(), tls_dir=tls, token_file=token)
-    return proc, container
-
-
 def test_admission_through_the_charts_own_webhook_configuration(installed, cluster):
     api = cluster.api
-    make_one_pod_ready(api, LOCAL_IP)
-    proc, container = start_webhook_as_deployed(cluster, LOCAL_IP)
+    make_pod_ready(api, NS, f"app.kubernetes.io/instance={RELEASE}", LOCAL_IP)
+    proc, container, _, _ = cluster.run_webhook_as_deployed("imds-broker-webhook-helm", NS, WEBHOOK,
+                                                            LOCAL_IP)
     installed["webhook"] = proc
-
-    def endpoint_ready():
-        slices = api.get(f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices",
-                         query={"labelSelector": f"kubernetes.io/service-name={WEBHOOK}"})["items"]
-        return any(LOCAL_IP in ep["addresses"] and ep.get("conditions", {}).get("ready")
-                   for s in slices for ep in s.get("endpoints") or [])
-    wait_for("the Service's endpoint at the ready pod", endpoint_ready, 60)
+    wait_for_ready_endpoint(api, NS, WEBHOOK, LOCAL_IP)
 
     pod = fixture_pod("velero-1.15-data-upload.json")
     pod["metadata"]["namespace"] = APP_NS
