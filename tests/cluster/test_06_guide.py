@@ -515,10 +515,11 @@ def test_node_values_file_is_what_velero_env_prints(cluster):
 
 
 def printed_lists(output):
-    """`name: A B C` lines (the check blocks' jsonpath output) → {name: [A, B, C]}."""
+    """`name: A B C` lines (the check blocks' jsonpath output) → {name: [A, B, C]}; the
+    `kubectl wait` line before them (`pod/NAME condition met`) is not one."""
     out = {}
     for line in output.splitlines():
-        if line.strip():
+        if line.strip() and not line.endswith(" condition met"):
             name, _, rest = line.partition(":")
             out[name.strip()] = rest.split()
     return out
@@ -666,11 +667,12 @@ def sidecar_guide(node_removed, cluster, chart_repo, request):
 def sidecar_removed(sidecar_guide, cluster, helm):
     run = sidecar_guide["run"]
     installed = run.release_objects(helm)
-    run.remove()
-    # kubelet's part once the Deployment is gone: the process stops, the bound pod's deletion
-    # is confirmed.
+    # kubelet's part, done first: the Remove blocks delete the webhook's namespace and wait for
+    # it, and a pod bound to a node is only gone once its kubelet confirms. Nothing is admitted
+    # during Remove (it creates no pod), so the webhook process can stop before it.
     sidecar_guide["webhook"].stop()
     delete_pod(cluster.api, WEBHOOK_NS, sidecar_guide["pod"])
+    run.remove()
     print(f"sidecar mode: install blocks {run.seconds['install']:.1f}s, "
           f"Remove blocks {run.seconds['remove']:.1f}s")
     return installed

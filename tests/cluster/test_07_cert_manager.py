@@ -120,7 +120,8 @@ def test_the_default_mode_issues_the_ca_and_the_serving_certificate(release, clu
     # The cainjector put that CA into every webhook entry (inject-ca-from the Certificate).
     wait_for("the CA in every caBundle", lambda: set(ca_bundles(api)) == {b64(ca_pem)}, 60,
              proc=cm.procs["cainjector"].popen, log=cm.procs["cainjector"].log)
-    assert len(ca_bundles(api)) == 5
+    # One entry per default match label of the chart (seven).
+    assert len(ca_bundles(api)) == 7
 
 
 def test_admission_with_the_issued_certificate(release, cluster):
