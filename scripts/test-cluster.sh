@@ -46,15 +46,17 @@ build_module() {
   echo "--- built $(basename "$outdir") in $((SECONDS - start))s"
 }
 
-# The Kubernetes release is the one tests/cluster/k8s requires.
+# The Kubernetes release is the one tests/cluster/k8s requires (scripts/build-cluster-k8s:
+# the control plane; with CLUSTER_NODE=1 also the real node, test_08_kubelet*.py).
 module_version() { (cd "$1" && go list -m -f '{{.Version}}' "$2"); }
-K8S_VERSION="$(module_version tests/cluster/k8s k8s.io/kubernetes)"
-K8S_MINOR="$(echo "$K8S_VERSION" | cut -d. -f2)"
-K8S_BIN="$OUT/kubernetes-$K8S_VERSION"
-build_module tests/cluster/k8s "$K8S_BIN" \
-  "-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$K8S_MINOR -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION" \
-  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kubectl ./cmd/etcd
+K8S_ENV="$(scripts/build-cluster-k8s ${CLUSTER_NODE:+--node})"
+while IFS='=' read -r key value; do
+  case "$key" in
+    CLUSTER_K8S_VERSION) K8S_VERSION="$value" ;;
+    CLUSTER_BIN_DIR) K8S_BIN="$value" ;;
+    NODE_BIN_DIR | NODE_IMAGES_DIR) export "$key=$value" ;;
+  esac
+done <<< "$K8S_ENV"
 
 # One driver per Velero version (oldest first: the tests install it, then upgrade).
 VELERO_BINS=""
