@@ -231,7 +231,10 @@ class ControlPlane:
         make_ca(d, "ca", "cluster-test-ca")
         make_cert(d, "ca", "apiserver", "/CN=kube-apiserver",
                   "subjectAltName=IP:127.0.0.1,DNS:localhost"
-                  + (f",IP:{self.address}" if self.address != "127.0.0.1" else "") + "\n"
+                  + (f",IP:{self.address}" if self.address != "127.0.0.1" else "")
+                  # In-cluster clients (pods on a real node) use the `kubernetes` Service.
+                  + (",IP:10.0.0.1,DNS:kubernetes.default.svc,DNS:kubernetes.default"
+                     if self.for_nodes else "") + "\n"
                   "extendedKeyUsage=serverAuth\n")
         # envtest's admin: a client certificate in system:masters.
         make_cert(d, "ca", "admin", "/O=system:masters/CN=cluster-test-admin",

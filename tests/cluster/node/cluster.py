@@ -7,23 +7,45 @@ kubelet, kube-scheduler, kube-proxy. Used by tests/cluster/test_08_kubelet*.py a
 PID is never signalled) and what the node made to <run dir>/cluster.json; `down` stops them and
 removes what the node made, from another process.
 
+With imds-broker (`up(imds_broker=True)`, what `scripts/cluster up` does) it also installs
+what a person trying the project needs for a Velero-labelled pod to run with the sidecar and get
+tokens: the fake Entra trusting the API server's issuer (on 127.0.0.1, reached by pods through
+relay.py on the gateway address), Velero's namespace and the `velero-server` ServiceAccount
+annotated as docs/velero-on-aks.md says, and charts/imds-broker installed by the real `helm`
+(self-signed certificates, the webhook running as the chart's Deployment pods, image
+localhost/imds-broker:<version> imported from scripts/build-image's archive with the relay's
+test CA added to its trust store, as an image built for a private CA would carry it).
+
 Inputs (set by scripts/cluster): CLUSTER_BIN_DIR (kube-apiserver, kube-controller-manager,
 kubectl, etcd), NODE_BIN_DIR (kubelet, kube-scheduler, kube-proxy), NODE_IMAGES_DIR (pause and
-busybox archives), CLUSTER_NODE_RUN_DIR (state and logs).
+busybox archives), CLUSTER_NODE_RUN_DIR (state and logs); for imds-broker also FAKE_ENTRA_BIN,
+HELM_BIN, BROKER_IMAGE (scripts/build-image's .oci.tar).
 """
 
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+import yaml  # noqa: E402
+
 import harness  # noqa: E402
-from harness import ControlPlane  # noqa: E402
-from node.node import Node, proc_start_time, stop_pid, teardown_leftovers  # noqa: E402
+from harness import ControlPlane, Proc, free_port, wait_for  # noqa: E402
+from node.node import (Node, kill_containers, proc_start_time, sh, stop_pid,  # noqa: E402
+                       teardown_leftovers)
+
+VELERO_NS = "velero"
+VELERO_SA = "velero-server"
+BROKER_NS = "imds-broker"
+BROKER_RELEASE = "imds-broker"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 
@@ -51,7 +73,7 @@ class NodeCluster:
         with open(os.path.join(self.images_dir, "busybox.version")) as f:
             return f"localhost/busybox:{f.read().strip()}"
 
-    def up(self):
+    def up(self, imds_broker=False):
         """Starts everything; on any failure stops what was started and re-raises."""
         if os.path.exists(self.state_file):
             raise RuntimeError(f"{self.state_file} exists: a cluster is up (or was not taken "
@@ -78,6 +100,10 @@ class NodeCluster:
                                      "localhost/busybox")],
                             scheduler=True, kube_proxy=True)
             self.timings["node_ready_s"] = round(time.monotonic() - t1, 1)
+            if imds_broker:
+                t2 = time.monotonic()
+                self.install_imds_broker()
+                self.timings["imds_broker_s"] = round(time.monotonic() - t2, 1)
             self.write_state()
         except BaseException:
             self.down_in_process()
@@ -85,10 +111,113 @@ class NodeCluster:
         self.timings["up_s"] = round(time.monotonic() - t0, 1)
         return self
 
+    # -- imds-broker, the fake Entra, Velero's objects --------------------------------------
+
+    def start_fake_entra(self):
+        """The fake Entra trusting the API server's issuer (as conftest.py starts it), and the
+        relay that lets pods reach it at https://<gateway>:<port>."""
+        cp = self.cp
+        proc = Proc("fake-entra", [
+            env("FAKE_ENTRA_BIN"),
+            "--oidc-issuer", cp.issuer, "--oidc-issuer-ca", cp.ca_file,
+            "--federated-subject", f"system:serviceaccount:{VELERO_NS}:{VELERO_SA}",
+        ], self.dir)
+        # Its first stdout line is the JSON description; the rest of its output goes to a log.
+        log = open(proc.log, "ab")
+        proc.popen = subprocess.Popen(proc.argv, stdout=subprocess.PIPE, stderr=log,
+                                      stdin=subprocess.DEVNULL, text=True)
+        log.close()
+        cp.procs.append(proc)
+        line = proc.popen.stdout.readline()
+        if not line:
+            raise RuntimeError(f"fake Entra did not start:\n{harness.tail(proc.log)}")
+        # Nothing reads its stdout any more; it writes no more lines there.
+        proc.popen.stdout.close()
+        self.entra = json.loads(line)
+        upstream_port = int(self.entra["authority"].rsplit(":", 1)[1].rstrip("/"))
+
+        pki = os.path.join(self.dir, "relay-pki")
+        os.makedirs(pki)
+        harness.make_ca(pki, "ca", "imds-broker-node-test-ca")
+        harness.make_cert(pki, "ca", "relay", f"/CN={self.node.gateway}",
+                          f"subjectAltName=IP:{self.node.gateway}\n"
+                          "extendedKeyUsage=serverAuth\n")
+        self.relay_ca = os.path.join(pki, "ca.crt")
+        port = free_port(self.node.gateway)
+        relay = Proc("entra-relay", [
+            sys.executable, os.path.join(HERE, "relay.py"), self.node.gateway, str(port),
+            f"{pki}/relay.crt", f"{pki}/relay.key", "127.0.0.1", str(upstream_port),
+            self.entra["ca_file"], "localhost"], self.dir).start()
+        cp.procs.append(relay)
+        wait_for("relay listening", lambda: socket.create_connection(
+            (self.node.gateway, port), timeout=1).close() or True,
+            10, interval=0.1, proc=relay.popen, log=relay.log)
+        self.authority_host = f"https://{self.node.gateway}:{port}"
+
+    def import_broker_image(self):
+        """scripts/build-image's archive with the relay's CA appended to the image's CA bundle
+        (SSL_CERT_FILE), imported as localhost/imds-broker:<version>; returns that reference."""
+        archive = env("BROKER_IMAGE")
+        work = tempfile.mkdtemp(prefix="broker-image-", dir=self.dir)
+        try:
+            layout = os.path.join(work, "oci")
+            with tarfile.open(archive) as t:
+                t.extractall(layout, filter="tar")
+            with open(os.path.join(layout, "index.json")) as f:
+                tag = json.load(f)["manifests"][0]["annotations"][
+                    "org.opencontainers.image.ref.name"]
+            bundle = os.path.join(work, "bundle")
+            sh("umoci", "unpack", "--image", f"{layout}:{tag}", bundle)
+            bundle_ca = os.path.join(bundle, "rootfs/etc/ssl/certs/ca-certificates.crt")
+            with open(self.relay_ca) as src, open(bundle_ca, "a") as dst:
+                dst.write(src.read())
+            sh("umoci", "repack", "--image", f"{layout}:{tag}", "--history.created_by",
+               "tests/cluster/node: the relay's test CA added", bundle)
+            sh("umoci", "gc", "--layout", layout)
+            out = os.path.join(self.dir, "imds-broker-test-ca.oci.tar")
+            sh("tar", "-C", layout, "-cf", out, ".")
+        finally:
+            sh("rm", "-rf", work)
+        refs = self.node.import_image(out, "localhost/imds-broker")
+        self.broker_image = refs[0]
+        return refs[0]
+
+    def install_imds_broker(self):
+        cp = self.cp
+        self.start_fake_entra()
+        image = self.import_broker_image()
+        repository, tag = image.rsplit(":", 1)
+        # Velero's namespace as `velero install` labels it, and the ServiceAccount as
+        # docs/velero-on-aks.md step 4 annotates it.
+        cp.kubectl("apply", "--server-side", "--field-manager", "cluster-node", "-f", "-",
+                   input=yaml.safe_dump_all([
+                       {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+                           "name": VELERO_NS, "labels": {
+                               "pod-security.kubernetes.io/enforce": "privileged"}}},
+                       {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {
+                           "name": VELERO_SA, "namespace": VELERO_NS, "annotations": {
+                               "azure.workload.identity/client-id": self.entra["client_id"],
+                               "azure.workload.identity/tenant-id": self.entra["tenant_id"]}}},
+                   ]))
+        res = subprocess.run([
+            env("HELM_BIN"), "--kubeconfig", cp.kubeconfig, "install", BROKER_RELEASE,
+            os.path.join(ROOT, "charts", "imds-broker"), "-n", BROKER_NS, "--create-namespace",
+            "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+            "--set", "certificates.mode=self-signed",
+            "--set", f"identity.authorityHost={self.authority_host}",
+            "--wait", "--timeout", "180s"], capture_output=True, text=True, timeout=240)
+        if res.returncode != 0:
+            pods = cp.kubectl("-n", BROKER_NS, "get", "pods", "-o", "wide", check=False).stdout
+            raise RuntimeError(f"helm install charts/imds-broker failed:\n{res.stderr}\n{pods}")
+
     def write_state(self):
         procs = [{"name": p.name, "pid": p.pid, "start": proc_start_time(p.pid)}
                  for p in self.node.procs + self.cp.procs if p.running()]
-        state = {"kubeconfig": self.cp.kubeconfig, "api": self.cp.url,
+        extra = {}
+        if getattr(self, "entra", None):
+            extra = {"entra": self.entra, "authority_host": self.authority_host,
+                     "broker_image": self.broker_image}
+        state = {**extra, "kubeconfig": self.cp.kubeconfig, "api": self.cp.url,
                  "kubectl": os.path.join(self.cp_bin_dir, "kubectl"),
                  "node": self.node.state_for_teardown(), "node_name": self.node.name,
                  "procs": procs}
@@ -135,7 +264,6 @@ def down(run_dir=None):
             stop_pid(procs[name]["pid"], procs[name]["start"])
     if "containerd" in procs and proc_start_time(procs["containerd"]["pid"]) == \
             procs["containerd"]["start"]:
-        from node.node import kill_containers
         try:
             kill_containers(state["node"]["socket"])
         except Exception as e:  # noqa: BLE001
@@ -168,7 +296,6 @@ def status(run_dir=None):
     for p in state["procs"]:
         alive = proc_start_time(p["pid"]) == p["start"]
         print(f"{p['name']:<24} pid {p['pid']:<8} {'running' if alive else 'NOT RUNNING'}")
-    import subprocess
     res = subprocess.run([state["kubectl"], "--kubeconfig", state["kubeconfig"], "get",
                           "nodes", "-o", "wide"], capture_output=True, text=True, timeout=30)
     print(res.stdout or res.stderr, end="")
@@ -202,7 +329,6 @@ def import_image(archive, base_name=None, run_dir=None):
 def default_base_name(archive):
     """localhost/<image title> for an OCI archive whose index names only a tag (umoci's and
     scripts/build-image's); None lets ctr use a docker archive's own RepoTags."""
-    import tarfile
     with tarfile.open(archive) as t:
         names = t.getnames()
         if "index.json" not in names and "./index.json" not in names:
@@ -211,7 +337,8 @@ def default_base_name(archive):
                                         else "./index.json"))
     for m in index.get("manifests", []):
         ann = m.get("annotations", {})
-        ref = ann.get("io.containerd.image.name") or ann.get("org.opencontainers.image.ref.name", "")
+        ref = (ann.get("io.containerd.image.name")
+               or ann.get("org.opencontainers.image.ref.name", ""))
         if "/" in ref or ":" in ref:
             return None  # a full reference: ctr uses it as it is
         title = ann.get("org.opencontainers.image.title")
@@ -232,7 +359,7 @@ def main(argv):
         return 2
     cmd = argv[1]
     if cmd == "up":
-        c = NodeCluster().up()
+        c = NodeCluster().up(imds_broker=os.environ.get("CLUSTER_IMDS_BROKER", "1") != "0")
         with open(c.state_file) as f:
             state = json.load(f)
         print(f"cluster up in {c.timings['up_s']}s (control plane "
@@ -240,6 +367,9 @@ def main(argv):
               f"API server {c.cp.url}, node {c.node.name} ({c.node.subnet}); "
               f"logs in {c.dir}", file=sys.stderr)
         print(f"BUSYBOX_IMAGE={c.busybox_image()}")
+        if state.get("broker_image"):
+            print(f"BROKER_IMAGE_REF={state['broker_image']}")
+            print(f"ENTRA_CALLS_URL={state['entra']['calls_url']}")
         print_env(state)
         return 0
     if cmd == "down":

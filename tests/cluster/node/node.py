@@ -428,7 +428,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for name in ("kube-scheduler", "kubelet"):
             if name in by_name:
                 attempt(f"stop {name}", by_name[name].stop)
-        if os.path.exists(self.socket) and "containerd" in by_name and by_name["containerd"].running():
+        containerd = by_name.get("containerd")
+        if containerd and containerd.running() and os.path.exists(self.socket):
             attempt("stop the pods' containers", self.kill_containers)
         if "kube-proxy" in by_name:
             attempt("stop kube-proxy", by_name["kube-proxy"].stop)
