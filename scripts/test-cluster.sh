@@ -5,7 +5,9 @@
 # (tests/cluster/velero-v*), helm (scripts/build-packaging-tools), the debug imds-broker binary
 # and the fake Entra, then runs the pytest suite in tests/cluster against them.
 #
-#   scripts/test-cluster.sh                 everything
+#   scripts/test-cluster.sh                 everything but the real node
+#   CLUSTER_NODE=1 scripts/test-cluster.sh  also the real node (test_08_kubelet.py: containerd,
+#                                           kubelet; scripts/test runs the stage this way)
 #   scripts/test-cluster.sh -k restricted   extra arguments go to pytest
 #
 # Outputs are cached: binaries under target/cluster-bin/<name>/ (rebuilt when their module's
@@ -49,6 +51,7 @@ build_module() {
 # The Kubernetes release is the one tests/cluster/k8s requires (scripts/build-cluster-k8s:
 # the control plane; with CLUSTER_NODE=1 also the real node, test_08_kubelet*.py).
 module_version() { (cd "$1" && go list -m -f '{{.Version}}' "$2"); }
+[[ "${CLUSTER_NODE:-0}" == 0 ]] && CLUSTER_NODE=""
 K8S_ENV="$(scripts/build-cluster-k8s ${CLUSTER_NODE:+--node})"
 while IFS='=' read -r key value; do
   case "$key" in
@@ -79,6 +82,14 @@ export HELM_BIN
 echo "--- cargo build (imds-broker, fake_entra example)"
 cargo build --locked --quiet --bin imds-broker --example fake_entra
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+if [[ -n "${CLUSTER_NODE:-}" ]]; then
+  # The real node runs the shipped image (scripts/build-image: the release build, as the
+  # packaging stage makes it) for the chart's webhook pods and the injected sidecar.
+  echo "--- the imds-broker image (scripts/build-image)"
+  BROKER_IMAGE_DIR="$(realpath "$(nice -n 10 scripts/build-image | tail -n1)")"
+  BROKER_VERSION=$(sed -n '/^\[package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n1)
+  export BROKER_IMAGE="$BROKER_IMAGE_DIR/imds-broker-$BROKER_VERSION.oci.tar"
+fi
 
 echo "--- Python test driver (.venv)"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv

@@ -105,8 +105,11 @@ class NodeCluster:
                 self.install_imds_broker()
                 self.timings["imds_broker_s"] = round(time.monotonic() - t2, 1)
             self.write_state()
-        except BaseException:
-            self.down_in_process()
+        except BaseException as e:
+            try:
+                self.down_in_process()
+            except Exception as down_error:  # noqa: BLE001 - the start's error comes first
+                e.add_note(f"and stopping what had started: {down_error}")
             raise
         self.timings["up_s"] = round(time.monotonic() - t0, 1)
         return self

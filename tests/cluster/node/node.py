@@ -535,7 +535,8 @@ def teardown_leftovers(s):
             attempt(f"rmdir {d}", lambda: rmdir_cgroup(d))
     for cached in glob.glob(f"/var/lib/cni/results/{s['cni_network']}-*"):
         attempt(f"remove {cached}", lambda: os.remove(cached))
-    attempt(f"remove {s['dir']}", lambda: shutil.rmtree(s["dir"]))
+    if os.path.exists(s["dir"]):
+        attempt(f"remove {s['dir']}", lambda: shutil.rmtree(s["dir"]))
     return errors
 
 
