@@ -15,6 +15,7 @@ scripts/test-cluster.sh -k kubelet`); the sidecar case also needs BROKER_IMAGE.
 import datetime
 import json
 import os
+import subprocess
 import time
 import urllib.request
 
@@ -29,6 +30,9 @@ if not (os.environ.get("NODE_BIN_DIR") and os.environ.get("NODE_IMAGES_DIR")):
 from node.cluster import NodeCluster  # noqa: E402
 
 NS = "kubelet-test"
+# Container states the kubelet does not leave by itself: fail at once, with its message.
+STUCK = {"CreateContainerError", "CreateContainerConfigError", "ErrImageNeverPull",
+         "InvalidImageName", "RunContainerError"}
 WITH_BROKER = all(os.environ.get(k) for k in ("BROKER_IMAGE", "FAKE_ENTRA_BIN", "HELM_BIN"))
 
 
@@ -63,7 +67,13 @@ def watch_phases(api, ns, name, until, timeout):
             if event["type"] == "ERROR":
                 raise RuntimeError(f"watch {ns}/{name}: {event['object']}")
             pod = event["object"]
-            phase = pod.get("status", {}).get("phase")
+            status = pod.get("status", {})
+            phase = status.get("phase")
+            for c in status.get("initContainerStatuses", []) + status.get("containerStatuses", []):
+                reason = c.get("state", {}).get("waiting", {}).get("reason", "")
+                if reason in STUCK:
+                    raise AssertionError(f"pod {ns}/{name}: container {c['name']} {reason}: "
+                                         f"{c['state']['waiting'].get('message', '')}")
             if not phases or phases[-1] != phase:
                 phases.append(phase)
             if until(pod):
@@ -215,3 +225,210 @@ def test_a_velero_labelled_pod_runs_with_the_sidecar_and_gets_a_token(nc):
           f"(app's clock {app_start}), first token {first_token - app_start}s after the app "
           f"started; sidecar stopped {side_term['finishedAt']} exit "
           f"{side_term['exitCode']}; Entra calls {entra_calls(nc) - calls_before}")
+
+
+# -- The seed's pod: Velero's CSI snapshot backup exposer -----------------------------------------
+
+def velero_with_backup_exposer():
+    """(version, driver) of the Velero drivers that have `expose-backup`."""
+    out = []
+    for item in filter(None, os.environ.get("VELERO_BINS", "").split(",")):
+        version, path = item.split("=", 1)
+        if version.startswith("v1.18"):
+            out.append((version, path))
+    return out
+
+
+def roundtrip_bin(version):
+    base = os.environ.get("VELERO_KOPIA_DIR") or os.path.join(ROOT, "target", "velero-kopia")
+    return os.path.join(base, version.lstrip("v"), "velero-roundtrip")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DRIVER = "disk.csi.imds-broker.test"
+
+
+@pytest.fixture(scope="module")
+def azurite(nc):
+    if not os.path.exists(os.path.join(ROOT, "tests/conformance/storage-node/node_modules/.bin",
+                                       "azurite-blob")):
+        pytest.skip("Azurite is not installed (scripts/test-storage.sh runs npm ci)")
+    from node.velero_node import AzuriteOnNode
+    a = AzuriteOnNode(nc.dir, nc.node.gateway)
+    yield a
+    a.stop()
+
+
+def apply(nc, *docs):
+    nc.cp.kubectl("apply", "--server-side", "--field-manager", "kubelet-test", "-f", "-",
+                  input="\n---\n".join(json.dumps(d) for d in docs))
+
+
+def source_volume_and_ready_snapshot(nc, ns, pvc, snapshot):
+    """What exists when Velero's CSI plugin has taken a snapshot: a bound PVC of a CSI storage
+    class, a VolumeSnapshot of it and its VolumeSnapshotContent, both ready. The test is the
+    CSI driver (a hostPath PV) and the snapshot controller (the statuses)."""
+    host_dir = os.path.join(nc.node.dir, "volumes", f"{ns}-{pvc}")
+    os.makedirs(host_dir)
+    with open(os.path.join(host_dir, "data.txt"), "w") as f:
+        f.write("the application's data\n")
+    content = f"snapcontent-{ns}-{snapshot}"
+    apply(nc,
+          {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+          {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+           "metadata": {"name": "csi-standin"}, "provisioner": DRIVER,
+           "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate"},
+          {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+           "metadata": {"name": "csi-standin-snap"}, "driver": DRIVER,
+           "deletionPolicy": "Delete"},
+          {"apiVersion": "v1", "kind": "PersistentVolume",
+           "metadata": {"name": f"{ns}-{pvc}"},
+           "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "csi-standin", "hostPath": {"path": host_dir},
+                    "claimRef": {"namespace": ns, "name": pvc}}},
+          {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+           "metadata": {"name": pvc, "namespace": ns},
+           "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "csi-standin",
+                    "volumeName": f"{ns}-{pvc}",
+                    "resources": {"requests": {"storage": "1Gi"}}}},
+          {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
+           "metadata": {"name": content},
+           "spec": {"deletionPolicy": "Delete", "driver": DRIVER,
+                    "source": {"snapshotHandle": f"handle-{ns}-{snapshot}"},
+                    "volumeSnapshotClassName": "csi-standin-snap",
+                    "volumeSnapshotRef": {"name": snapshot, "namespace": ns}}},
+          {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+           "metadata": {"name": snapshot, "namespace": ns},
+           "spec": {"source": {"persistentVolumeClaimName": pvc},
+                    "volumeSnapshotClassName": "csi-standin-snap"}})
+    wait_for(f"PVC {ns}/{pvc} Bound", lambda: nc.cp.admin.get(
+        f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{pvc}")["status"].get("phase") == "Bound",
+        60, interval=0.3)
+    api = nc.cp.admin
+    now_ns = int(time.time() * 1e9)
+    api.patch(f"/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents/{content}/status",
+              {"status": {"snapshotHandle": f"handle-{ns}-{snapshot}", "readyToUse": True,
+                          "restoreSize": 1 << 30, "creationTime": now_ns}})
+    api.patch(f"/apis/snapshot.storage.k8s.io/v1/namespaces/{ns}/volumesnapshots/{snapshot}"
+              "/status", {"status": {"boundVolumeSnapshotContentName": content,
+                                     "readyToUse": True, "restoreSize": "1Gi",
+                                     "creationTime": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                   time.gmtime())}})
+
+
+def provision_backup_pvc(nc, ns, name, timeout=60):
+    """The CSI driver's part for the backup PVC Velero's exposer creates from the backup
+    VolumeSnapshot: a volume with the snapshot's data (a hostPath PV bound to that claim)."""
+    pvc = wait_for(f"backup PVC {ns}/{name}", lambda: nc.cp.admin.get(
+        f"/api/v1/namespaces/{ns}/persistentvolumeclaims",
+        query={"fieldSelector": f"metadata.name={name}"})["items"], timeout, interval=0.2)[0]
+    host_dir = os.path.join(nc.node.dir, "volumes", f"{ns}-{name}")
+    os.makedirs(host_dir)
+    with open(os.path.join(host_dir, "data.txt"), "w") as f:
+        f.write("the application's data, as snapshotted\n")
+    apply(nc, {"apiVersion": "v1", "kind": "PersistentVolume",
+               "metadata": {"name": f"{ns}-{name}"},
+               "spec": {"capacity": pvc["spec"]["resources"]["requests"],
+                        "accessModes": pvc["spec"]["accessModes"],
+                        "storageClassName": pvc["spec"].get("storageClassName", ""),
+                        "hostPath": {"path": host_dir},
+                        "claimRef": {"namespace": ns, "name": name,
+                                     "uid": pvc["metadata"]["uid"]}}})
+    return pvc
+
+
+@pytest.mark.skipif(not WITH_BROKER, reason="no imds-broker image (BROKER_IMAGE) to run")
+@pytest.mark.parametrize("version,driver", velero_with_backup_exposer() or [
+    pytest.param("none", "", marks=pytest.mark.skip(reason="no Velero driver with expose-backup"))])
+def test_the_seeds_pod_velero_backup_data_mover_runs_to_succeeded(nc, azurite, version, driver):
+    """Velero's own CSI snapshot backup exposer (`csiSnapshotExposer.Expose`, what the
+    node-agent's DataUpload controller runs) creates the data-mover pod for a ready
+    VolumeSnapshot; the chart's webhook pods inject the sidecar; the scheduler places it once
+    the backup PVC is bound; the kubelet runs it: the sidecar is ready before the app starts,
+    the app (Velero's kopia repository and uploader code at this version, its azidentity
+    credential over IDENTITY_ENDPOINT) writes a backup to Azurite and reads it back, exits 0,
+    the kubelet stops the sidecar, the pod is Succeeded (what Velero watches)."""
+    from node.velero_node import (build_data_mover_image, install_velero, node_agent_image,
+                                  snapshot_crds)
+    roundtrip = roundtrip_bin(version)
+    if not os.path.exists(roundtrip):
+        pytest.skip(f"{roundtrip} is missing (scripts/test-storage.sh builds it)")
+    api = nc.cp.admin
+    module_dir = os.path.join(ROOT, "tests", "cluster", f"velero-{version.rsplit('.', 1)[0]}")
+    for crd in snapshot_crds(module_dir):
+        nc.cp.kubectl("apply", "--server-side", "-f", crd)
+    nc.cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                  "crd/volumesnapshots.snapshot.storage.k8s.io",
+                  "crd/volumesnapshotcontents.snapshot.storage.k8s.io")
+    docs = install_velero(nc.cp, driver, version, nc.entra["client_id"], azurite.account_url)
+    container = f"velero-{version.replace('.', '-')}"
+    azurite.create_container(container)
+    image = node_agent_image(docs)
+    refs = build_data_mover_image(
+        nc.node, nc.dir, image, roundtrip, os.path.join(nc.images_dir, "busybox.oci.tar"),
+        {"URI": azurite.account_url, "CONTAINER": container, "PREFIX": "velero"},
+        azurite.pki["ca"])
+    print(f"\nVelero {version}: node-agent image {image} built here as {refs}")
+
+    ns, pvc, snapshot = "app", "app-data", "app-data-snap"
+    source_volume_and_ready_snapshot(nc, ns, pvc, snapshot)
+    calls_before = entra_calls(nc)
+    name = f"backup-{version.replace('.', '-')}"
+    expose = subprocess.Popen([driver, "expose-backup", nc.cp.kubeconfig, name, ns, pvc, snapshot],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        provision_backup_pvc(nc, "velero", name)
+        out, err = expose.communicate(timeout=120)
+    finally:
+        if expose.poll() is None:
+            expose.kill()
+            expose.wait()
+    assert expose.returncode == 0, f"expose-backup:\n{err[-4000:]}"
+    assert json.loads(out.strip().splitlines()[-1]) == {"pod": name}
+
+    stored = api.get(pods_path("velero", name))
+    created = ts(stored["metadata"]["creationTimestamp"])
+    assert [o["kind"] for o in stored["metadata"]["ownerReferences"]] == ["DataUpload"]
+    assert stored["metadata"]["labels"]["velero.io/data-upload"] == name
+    init = stored["spec"].get("initContainers", [])
+    assert [c["name"] for c in init] == ["imds-broker"] and init[0]["restartPolicy"] == "Always"
+    app_spec = stored["spec"]["containers"][0]
+    assert app_spec["command"] == ["/velero", "data-mover", "backup"], app_spec["command"]
+    assert app_spec["image"] == image and app_spec["imagePullPolicy"] == "Never"
+    assert {"IDENTITY_ENDPOINT", "IDENTITY_HEADER"} <= {e["name"] for e in app_spec["env"]}
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in stored["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert claims == [name]
+
+    phases, done = watch_phases(api, "velero", name,
+                                lambda p: p["status"].get("phase") in ("Succeeded", "Failed"),
+                                300)
+    st = done["status"]
+    app_log = nc.cp.kubectl("-n", "velero", "logs", name, "-c", app_spec["name"],
+                            check=False).stdout
+    assert st["phase"] == "Succeeded", f"{json.dumps(st)[:3000]}\n{app_log[-3000:]}"
+    assert phases[-2:] == ["Running", "Succeeded"], phases
+    app = st["containerStatuses"][0]["state"]["terminated"]
+    assert app["exitCode"] == 0
+    # The round trip's result is its one stdout line; its steps go to stderr (same log).
+    result = json.loads(next(line for line in app_log.splitlines() if line.startswith('{"ok"')))
+    assert result["ok"] is True and result["velero"] == version, result
+    side = wait_for("sidecar terminated in the pod status", lambda: (
+        api.get(pods_path("velero", name))["status"]["initContainerStatuses"][0]["state"]
+        .get("terminated")), 30, interval=0.3)
+    assert ts(side["startedAt"]) <= ts(app["startedAt"])
+    assert ts(side["finishedAt"]) >= ts(app["finishedAt"])
+    assert entra_calls(nc) > calls_before
+    started = [e.get("involvedObject", {}).get("fieldPath", "")
+               for e in events_for(api, "velero", name) if e["reason"] == "Started"]
+    assert started[:2] == ["spec.initContainers{imds-broker}",
+                           f"spec.containers{{{app_spec['name']}}}"], started
+    scheduled = next(e for e in events_for(api, "velero", name) if e["reason"] == "Scheduled")
+    d = result["durations_ms"]
+    print(f"Velero {version} backup data mover {name}: phases {phases}; pod created "
+          f"{created:%H:%M:%S} -> scheduled {scheduled.get('eventTime') or scheduled.get('firstTimestamp')}"
+          f" -> sidecar started {side['startedAt']} -> app started {app['startedAt']} -> "
+          f"app exited {app['finishedAt']} (exit 0) -> sidecar stopped {side['finishedAt']}; "
+          f"round trip: prepare (first token + repository) {d.get('prepare', 0):.0f} ms, "
+          f"backup {d.get('backup', 0):.0f} ms, {result['files']} files; "
+          f"Entra calls {entra_calls(nc) - calls_before}")

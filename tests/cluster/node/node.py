@@ -30,6 +30,8 @@ import harness
 from harness import Proc, free_port, wait_for
 
 CNI_BIN_DIR = "/usr/lib/cni"
+# Where the node-agent (and so every pod Velero's exposers create) mounts the kubelet's pods.
+VAR_LIB_KUBELET = "/var/lib/kubelet"
 SANDBOX_IMAGE = "localhost/pause:3.10"
 # /24s tried in order for the pod network; the first that overlaps no route or address of the
 # machine is used (10.0.0.0/24 is the API server's service range).
@@ -142,18 +144,9 @@ class Node:
         self.cgroup_root = f"/imds-broker-node-{token}"
         self.socket = os.path.join(self.dir, "containerd.sock")
         self.kubelet_dir = os.path.join(self.dir, "kubelet")
-        self.nft_table_made = False
+        self.var_lib_kubelet = None
 
     # -- what the outside needs ------------------------------------------------------------
-
-    def state(self):
-        """What `scripts/cluster down` needs to tear the node down from another process."""
-        return {"dir": self.dir, "bridge": self.bridge, "cni_network": self.cni_network,
-                "cgroup_root": self.cgroup_root, "socket": self.socket,
-                "subnet": str(self.subnet), "gateway": self.gateway, "name": self.name,
-                "kube_proxy": self.kube_proxy_used,
-                "procs": [{"name": p.name, "pid": p.pid, "start": proc_start_time(p.pid)}
-                          for p in self.procs if p.running()]}
 
     def ctr(self, *args, check=True, timeout=300):
         return sh("ctr", "--address", self.socket, "--namespace", "k8s.io", *args,
@@ -199,6 +192,23 @@ class Node:
                     wanted = f.read().split()
                 with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
                     f.write(" ".join("+" + c for c in wanted))
+
+    def share_kubelet_dir(self):
+        """The kubelet's root directory, made a shared mount and also mounted at
+        /var/lib/kubelet, where Velero's node-agent template (and so every pod Velero's
+        exposers create) mounts `pods` and `plugins` by hostPath with HostToContainer
+        propagation, which containerd refuses unless the path is on a shared or slave mount.
+        The kubelet also puts its device-plugin socket under /var/lib/kubelet whatever its root.
+        Skipped when /var/lib/kubelet exists (another kubelet's): then the pods Velero's
+        exposers create cannot start here."""
+        os.makedirs(self.kubelet_dir, exist_ok=True)
+        sh("mount", "--bind", self.kubelet_dir, self.kubelet_dir)
+        sh("mount", "--make-shared", self.kubelet_dir)
+        if os.path.exists(VAR_LIB_KUBELET):
+            return
+        os.makedirs(VAR_LIB_KUBELET)
+        self.var_lib_kubelet = VAR_LIB_KUBELET
+        sh("mount", "--bind", self.kubelet_dir, VAR_LIB_KUBELET)
 
     def make_pki(self):
         """The kubelet's client certificate (system:node:<name> in system:nodes, what the Node
@@ -394,6 +404,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         if not getattr(self, "bridge_made", False):
             self.create_bridge()
         self.make_cgroup_root()
+        self.share_kubelet_dir()
         self.make_pki()
         self.start_containerd()
         self.import_image(os.path.join(self.images_dir, "pause.oci.tar"), "localhost/pause")
@@ -443,7 +454,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def state_for_teardown(self):
         s = {"dir": self.dir, "bridge": self.bridge, "cni_network": self.cni_network,
              "cgroup_root": self.cgroup_root, "socket": self.socket,
-             "kube_proxy": self.kube_proxy_used,
+             "kube_proxy": self.kube_proxy_used, "var_lib_kubelet": self.var_lib_kubelet,
              "kube_proxy_bin": os.path.join(self.bin_dir, "kube-proxy")}
         return s
 
@@ -522,8 +533,18 @@ def teardown_leftovers(s):
     if s.get("kube_proxy") and os.path.exists(s.get("kube_proxy_bin", "")):
         attempt("kube-proxy --cleanup", lambda: sh(s["kube_proxy_bin"], "--cleanup",
                                                     check=False))
-    for mp in mounts_under(s["dir"]):
-        attempt(f"umount {mp}", lambda: sh("umount", "--lazy", mp))
+    # Mounts stack (a bind over a bind, propagated peers): unmount until none is left.
+    ours = [s["dir"]] + ([s["var_lib_kubelet"]] if s.get("var_lib_kubelet") else [])
+    for _ in range(10):
+        left = mounts_under(*ours)
+        if not left:
+            break
+        for mp in left:
+            sh("umount", "--lazy", mp, check=False)
+    if mounts_under(*ours):
+        errors.append(f"still mounted: {mounts_under(*ours)}")
+    elif s.get("var_lib_kubelet") and os.path.isdir(s["var_lib_kubelet"]):
+        attempt(f"remove {s['var_lib_kubelet']}", lambda: shutil.rmtree(s["var_lib_kubelet"]))
     if os.path.exists(f"/sys/class/net/{s['bridge']}"):
         attempt(f"delete bridge {s['bridge']}", lambda: sh("ip", "link", "delete", s["bridge"]))
     for mountpoint, _ in cgroup_hierarchies():
@@ -535,7 +556,8 @@ def teardown_leftovers(s):
             attempt(f"rmdir {d}", lambda: rmdir_cgroup(d))
     for cached in glob.glob(f"/var/lib/cni/results/{s['cni_network']}-*"):
         attempt(f"remove {cached}", lambda: os.remove(cached))
-    if os.path.exists(s["dir"]):
+    # Never a recursive delete across a mount point that is still there.
+    if os.path.exists(s["dir"]) and not mounts_under(s["dir"]):
         attempt(f"remove {s['dir']}", lambda: shutil.rmtree(s["dir"]))
     return errors
 
