@@ -234,8 +234,7 @@ def velero_with_backup_exposer():
     out = []
     for item in filter(None, os.environ.get("VELERO_BINS", "").split(",")):
         version, path = item.split("=", 1)
-        if version.startswith("v1.18"):
-            out.append((version, path))
+        out.append((version, path))
     return out
 
 
@@ -370,10 +369,11 @@ def test_the_seeds_pod_velero_backup_data_mover_runs_to_succeeded(nc, azurite, v
         azurite.pki["ca"])
     print(f"\nVelero {version}: node-agent image {image} built here as {refs}")
 
-    ns, pvc, snapshot = "app", "app-data", "app-data-snap"
+    tag = version.replace(".", "-")
+    ns, pvc, snapshot = "app", f"data-{tag}", f"data-{tag}-snap"
     source_volume_and_ready_snapshot(nc, ns, pvc, snapshot)
     calls_before = entra_calls(nc)
-    name = f"backup-{version.replace('.', '-')}"
+    name = f"backup-{tag}"
     expose = subprocess.Popen([driver, "expose-backup", nc.cp.kubeconfig, name, ns, pvc, snapshot],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -37,14 +37,20 @@ VELERO_SA = "velero-server"
 
 def snapshot_crds(velero_module_dir):
     """The VolumeSnapshot, VolumeSnapshotContent and VolumeSnapshotClass CRDs of the
-    external-snapshotter client module the Velero module requires (its config/crd)."""
-    res = subprocess.run(["go", "list", "-m", "-f", "{{.Dir}}",
-                          "github.com/kubernetes-csi/external-snapshotter/client/v8"],
-                         cwd=velero_module_dir, capture_output=True, text=True,
-                         env={**os.environ, "GOFLAGS": "-mod=readonly"})
-    if res.returncode != 0 or not res.stdout.strip():
-        raise RuntimeError(f"go list external-snapshotter/client/v8 in {velero_module_dir}: "
-                           f"{res.stderr}")
+    external-snapshotter client module the Velero module requires (its config/crd: client/v7
+    for Velero 1.15, client/v8 for 1.18)."""
+    errors = []
+    for major in ("v8", "v7"):
+        res = subprocess.run(["go", "list", "-m", "-f", "{{.Dir}}",
+                              f"github.com/kubernetes-csi/external-snapshotter/client/{major}"],
+                             cwd=velero_module_dir, capture_output=True, text=True,
+                             env={**os.environ, "GOFLAGS": "-mod=readonly"})
+        if res.returncode == 0 and res.stdout.strip():
+            break
+        errors.append(res.stderr.strip())
+    else:
+        raise RuntimeError(f"no external-snapshotter client module in {velero_module_dir}: "
+                           f"{errors}")
     crd_dir = os.path.join(res.stdout.strip(), "config", "crd")
     return [os.path.join(crd_dir, f"snapshot.storage.k8s.io_{kind}.yaml")
             for kind in ("volumesnapshotclasses", "volumesnapshotcontents", "volumesnapshots")]
