@@ -32,6 +32,11 @@ from harness import Proc, free_port, wait_for
 CNI_BIN_DIR = "/usr/lib/cni"
 # Where the node-agent (and so every pod Velero's exposers create) mounts the kubelet's pods.
 VAR_LIB_KUBELET = "/var/lib/kubelet"
+# Fixed paths containerd 1.6 and libcni use whatever containerd's root and state: the shims'
+# sockets (/run/containerd/s) and the CNI results cache, which keeps the CRI plugin's loopback
+# results after the sandbox is gone. What the node adds there is removed at teardown.
+RUN_CONTAINERD = "/run/containerd"
+CNI_RESULTS = "/var/lib/cni/results"
 SANDBOX_IMAGE = "localhost/pause:3.10"
 # /24s tried in order for the pod network; the first that overlaps no route or address of the
 # machine is used (10.0.0.0/24 is the API server's service range).
@@ -145,6 +150,10 @@ class Node:
         self.socket = os.path.join(self.dir, "containerd.sock")
         self.kubelet_dir = os.path.join(self.dir, "kubelet")
         self.var_lib_kubelet = None
+        self.run_containerd_made = not os.path.exists(RUN_CONTAINERD)
+        self.var_lib_cni_made = not os.path.exists("/var/lib/cni")
+        self.cni_results_before = sorted(os.listdir(CNI_RESULTS)) \
+            if os.path.isdir(CNI_RESULTS) else []
 
     # -- what the outside needs ------------------------------------------------------------
 
@@ -455,6 +464,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         s = {"dir": self.dir, "bridge": self.bridge, "cni_network": self.cni_network,
              "cgroup_root": self.cgroup_root, "socket": self.socket,
              "kube_proxy": self.kube_proxy_used, "var_lib_kubelet": self.var_lib_kubelet,
+             "run_containerd_made": self.run_containerd_made,
+             "var_lib_cni_made": self.var_lib_cni_made,
+             "cni_results_before": self.cni_results_before,
              "kube_proxy_bin": os.path.join(self.bin_dir, "kube-proxy")}
         return s
 
@@ -554,12 +566,43 @@ def teardown_leftovers(s):
         dirs = sorted((d for d, _, _ in os.walk(root)), key=len, reverse=True)
         for d in dirs:
             attempt(f"rmdir {d}", lambda: rmdir_cgroup(d))
-    for cached in glob.glob(f"/var/lib/cni/results/{s['cni_network']}-*"):
-        attempt(f"remove {cached}", lambda: os.remove(cached))
+    before = set(s.get("cni_results_before", []))
+    for cached in (glob.glob(f"{CNI_RESULTS}/{s['cni_network']}-*")
+                   + glob.glob(f"{CNI_RESULTS}/cni-loopback-*")):
+        if os.path.basename(cached) not in before:
+            attempt(f"remove {cached}", lambda: os.remove(cached))
+    if s.get("var_lib_cni_made"):
+        remove_empty_tree("/var/lib/cni")
+    if s.get("run_containerd_made") and not pids_named("containerd"):
+        remove_empty_tree(RUN_CONTAINERD)
     # Never a recursive delete across a mount point that is still there.
     if os.path.exists(s["dir"]) and not mounts_under(s["dir"]):
         attempt(f"remove {s['dir']}", lambda: shutil.rmtree(s["dir"]))
     return errors
+
+
+def remove_empty_tree(top):
+    """Removes `top` if it holds only (nested) empty directories."""
+    if not os.path.isdir(top):
+        return
+    for d, _, files in sorted(os.walk(top), key=lambda x: len(x[0]), reverse=True):
+        if files:
+            return
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+def pids_named(name):
+    """PIDs of processes whose program name is `name` (another containerd on the machine)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            argv = proc_cmdline(int(d))
+            if argv and os.path.basename(argv[0].decode(errors="replace")) == name:
+                out.append(int(d))
+    return out
 
 
 def rmdir_cgroup(d, timeout=10):
