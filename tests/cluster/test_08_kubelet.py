@@ -336,23 +336,22 @@ def provision_backup_pvc(nc, ns, name, timeout=60):
     return pvc
 
 
-@pytest.mark.skipif(not WITH_BROKER, reason="no imds-broker image (BROKER_IMAGE) to run")
-@pytest.mark.parametrize("version,driver", velero_with_backup_exposer() or [
-    pytest.param("none", "", marks=pytest.mark.skip(reason="no Velero driver with expose-backup"))])
-def test_the_seeds_pod_velero_backup_data_mover_runs_to_succeeded(nc, azurite, version, driver):
-    """Velero's own CSI snapshot backup exposer (`csiSnapshotExposer.Expose`, what the
-    node-agent's DataUpload controller runs) creates the data-mover pod for a ready
-    VolumeSnapshot; the chart's webhook pods inject the sidecar; the scheduler places it once
-    the backup PVC is bound; the kubelet runs it: the sidecar is ready before the app starts,
-    the app (Velero's kopia repository and uploader code at this version, its azidentity
-    credential over IDENTITY_ENDPOINT) writes a backup to Azurite and reads it back, exits 0,
-    the kubelet stops the sidecar, the pod is Succeeded (what Velero watches)."""
+@pytest.fixture(scope="module", params=velero_with_backup_exposer() or [("none", "")],
+                ids=lambda p: p[0])
+def velero_on_node(request, nc, azurite):
+    """Velero `version` on the node (one version after the other: 1.15.0, then 1.18.3 applied
+    over it), with the VolumeSnapshot CRDs of its external-snapshotter module, a container of
+    its own in Azurite, and the node-agent's image built here (velero_node.py)."""
+    version, driver = request.param
+    if not WITH_BROKER:
+        pytest.skip("no imds-broker image (BROKER_IMAGE) to run")
+    if not driver:
+        pytest.skip("no Velero driver (VELERO_BINS)")
     from node.velero_node import (build_data_mover_image, install_velero, node_agent_image,
                                   snapshot_crds)
     roundtrip = roundtrip_bin(version)
     if not os.path.exists(roundtrip):
         pytest.skip(f"{roundtrip} is missing (scripts/test-storage.sh builds it)")
-    api = nc.cp.admin
     module_dir = os.path.join(ROOT, "tests", "cluster", f"velero-{version.rsplit('.', 1)[0]}")
     for crd in snapshot_crds(module_dir):
         nc.cp.kubectl("apply", "--server-side", "-f", crd)
@@ -368,32 +367,23 @@ def test_the_seeds_pod_velero_backup_data_mover_runs_to_succeeded(nc, azurite, v
         {"URI": azurite.account_url, "CONTAINER": container, "PREFIX": "velero"},
         azurite.pki["ca"])
     print(f"\nVelero {version}: node-agent image {image} built here as {refs}")
+    return {"version": version, "driver": driver, "image": image}
 
-    tag = version.replace(".", "-")
-    ns, pvc, snapshot = "app", f"data-{tag}", f"data-{tag}-snap"
-    source_volume_and_ready_snapshot(nc, ns, pvc, snapshot)
-    calls_before = entra_calls(nc)
-    name = f"backup-{tag}"
-    expose = subprocess.Popen([driver, "expose-backup", nc.cp.kubeconfig, name, ns, pvc, snapshot],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        provision_backup_pvc(nc, "velero", name)
-        out, err = expose.communicate(timeout=120)
-    finally:
-        if expose.poll() is None:
-            expose.kill()
-            expose.wait()
-    assert expose.returncode == 0, f"expose-backup:\n{err[-4000:]}"
-    assert json.loads(out.strip().splitlines()[-1]) == {"pod": name}
 
+def run_data_mover(nc, name, kind, image, calls_before, timeout=300):
+    """Velero's data-mover pod `velero/<name>` (made by an exposer) run by the kubelet: the
+    assertions every data mover shares; returns what the test prints."""
+    api = nc.cp.admin
     stored = api.get(pods_path("velero", name))
     created = ts(stored["metadata"]["creationTimestamp"])
-    assert [o["kind"] for o in stored["metadata"]["ownerReferences"]] == ["DataUpload"]
-    assert stored["metadata"]["labels"]["velero.io/data-upload"] == name
+    label = {"DataUpload": "velero.io/data-upload", "DataDownload": "velero.io/data-download"}[kind]
+    assert [o["kind"] for o in stored["metadata"]["ownerReferences"]] == [kind]
+    assert stored["metadata"]["labels"][label] == name
     init = stored["spec"].get("initContainers", [])
     assert [c["name"] for c in init] == ["imds-broker"] and init[0]["restartPolicy"] == "Always"
     app_spec = stored["spec"]["containers"][0]
-    assert app_spec["command"] == ["/velero", "data-mover", "backup"], app_spec["command"]
+    verb = {"DataUpload": "backup", "DataDownload": "restore"}[kind]
+    assert app_spec["command"] == ["/velero", "data-mover", verb], app_spec["command"]
     assert app_spec["image"] == image and app_spec["imagePullPolicy"] == "Never"
     assert {"IDENTITY_ENDPOINT", "IDENTITY_HEADER"} <= {e["name"] for e in app_spec["env"]}
     claims = [v["persistentVolumeClaim"]["claimName"] for v in stored["spec"]["volumes"]
@@ -402,7 +392,7 @@ def test_the_seeds_pod_velero_backup_data_mover_runs_to_succeeded(nc, azurite, v
 
     phases, done = watch_phases(api, "velero", name,
                                 lambda p: p["status"].get("phase") in ("Succeeded", "Failed"),
-                                300)
+                                timeout)
     st = done["status"]
     app_log = nc.cp.kubectl("-n", "velero", "logs", name, "-c", app_spec["name"],
                             check=False).stdout
@@ -412,23 +402,80 @@ def test_the_seeds_pod_velero_backup_data_mover_runs_to_succeeded(nc, azurite, v
     assert app["exitCode"] == 0
     # The round trip's result is its one stdout line; its steps go to stderr (same log).
     result = json.loads(next(line for line in app_log.splitlines() if line.startswith('{"ok"')))
-    assert result["ok"] is True and result["velero"] == version, result
+    assert result["ok"] is True, result
     side = wait_for("sidecar terminated in the pod status", lambda: (
         api.get(pods_path("velero", name))["status"]["initContainerStatuses"][0]["state"]
         .get("terminated")), 30, interval=0.3)
     assert ts(side["startedAt"]) <= ts(app["startedAt"])
     assert ts(side["finishedAt"]) >= ts(app["finishedAt"])
     assert entra_calls(nc) > calls_before
+    events = events_for(api, "velero", name)
     started = [e.get("involvedObject", {}).get("fieldPath", "")
-               for e in events_for(api, "velero", name) if e["reason"] == "Started"]
+               for e in events if e["reason"] == "Started"]
     assert started[:2] == ["spec.initContainers{imds-broker}",
                            f"spec.containers{{{app_spec['name']}}}"], started
-    scheduled = next(e for e in events_for(api, "velero", name) if e["reason"] == "Scheduled")
+    scheduled = next(e for e in events if e["reason"] == "Scheduled")
     d = result["durations_ms"]
-    print(f"Velero {version} backup data mover {name}: phases {phases}; pod created "
-          f"{created:%H:%M:%S} -> scheduled {scheduled.get('eventTime') or scheduled.get('firstTimestamp')}"
-          f" -> sidecar started {side['startedAt']} -> app started {app['startedAt']} -> "
-          f"app exited {app['finishedAt']} (exit 0) -> sidecar stopped {side['finishedAt']}; "
-          f"round trip: prepare (first token + repository) {d.get('prepare', 0):.0f} ms, "
-          f"backup {d.get('backup', 0):.0f} ms, {result['files']} files; "
-          f"Entra calls {entra_calls(nc) - calls_before}")
+    return (f"{kind} data mover {name}: phases {phases}; pod created {created:%H:%M:%S} -> "
+            f"scheduled {scheduled.get('eventTime') or scheduled.get('firstTimestamp')} -> "
+            f"sidecar started {side['startedAt']} -> app started {app['startedAt']} -> app "
+            f"exited {app['finishedAt']} (exit 0) -> sidecar stopped {side['finishedAt']}; "
+            f"round trip: prepare (first token + repository) {d.get('prepare', 0):.0f} ms, "
+            f"backup {d.get('backup', 0):.0f} ms, {result['files']} files; "
+            f"Entra calls {entra_calls(nc) - calls_before}"), result
+
+
+def run_exposer(nc, argv, pvc_name):
+    """The driver's exposer call, while the test provisions the PVC the exposer creates."""
+    expose = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        provision_backup_pvc(nc, "velero", pvc_name)
+        out, err = expose.communicate(timeout=120)
+    finally:
+        if expose.poll() is None:
+            expose.kill()
+            expose.wait()
+    assert expose.returncode == 0, f"{argv[1]}:\n{err[-4000:]}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_seeds_pod_velero_backup_data_mover_runs_to_succeeded(nc, velero_on_node):
+    """Velero's own CSI snapshot backup exposer (`csiSnapshotExposer.Expose`, what the
+    node-agent's DataUpload controller runs) creates the data-mover pod for a ready
+    VolumeSnapshot; the chart's webhook pods inject the sidecar; the scheduler places it once
+    the backup PVC is bound; the kubelet runs it: the sidecar is ready before the app starts,
+    the app (Velero's kopia repository and uploader code at this version, its azidentity
+    credential over IDENTITY_ENDPOINT) writes a backup to Azurite and reads it back, exits 0,
+    the kubelet stops the sidecar, the pod is Succeeded (what Velero watches)."""
+    version, driver = velero_on_node["version"], velero_on_node["driver"]
+    tag = version.replace(".", "-")
+    ns, pvc, snapshot = "app", f"data-{tag}", f"data-{tag}-snap"
+    source_volume_and_ready_snapshot(nc, ns, pvc, snapshot)
+    calls_before = entra_calls(nc)
+    name = f"backup-{tag}"
+    out = run_exposer(nc, [driver, "expose-backup", nc.cp.kubeconfig, name, ns, pvc, snapshot],
+                      name)
+    assert out == {"pod": name}
+    line, result = run_data_mover(nc, name, "DataUpload", velero_on_node["image"], calls_before)
+    assert result["velero"] == version
+    print(f"Velero {version} {line}")
+
+
+def test_the_restore_data_mover_runs_to_succeeded(nc, velero_on_node):
+    """Velero's generic restore exposer (what the DataDownload controller runs) creates the
+    restore data-mover pod for a target PVC; the test provisions the restore PVC it creates;
+    the pod runs as the backup's does and ends Succeeded."""
+    version, driver = velero_on_node["version"], velero_on_node["driver"]
+    tag = version.replace(".", "-")
+    ns, target = "app", f"restore-target-{tag}"
+    apply(nc, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": target, "namespace": ns},
+               "spec": {"accessModes": ["ReadWriteOnce"],
+                        "resources": {"requests": {"storage": "1Gi"}}}})
+    calls_before = entra_calls(nc)
+    name = f"restore-{tag}"
+    out = run_exposer(nc, [driver, "expose-restore", nc.cp.kubeconfig, name, ns, target], name)
+    assert out == {"pod": name}
+    line, result = run_data_mover(nc, name, "DataDownload", velero_on_node["image"], calls_before)
+    assert result["velero"] == version
+    print(f"Velero {version} {line}")
