@@ -7,7 +7,9 @@
 # binary and the fake Entra, fetches Velero's Helm chart and the VolumeSnapshot CRDs (Go
 # modules), then runs the pytest suite in tests/cluster against them.
 #
-#   scripts/test-cluster.sh                 everything
+#   scripts/test-cluster.sh                 everything but the real node
+#   CLUSTER_NODE=1 scripts/test-cluster.sh  also the real node (test_08_kubelet.py: containerd,
+#                                           kubelet; scripts/test runs the stage this way)
 #   scripts/test-cluster.sh -k restricted   extra arguments go to pytest
 #
 # Outputs are cached: binaries under target/cluster-bin/<name>/ (rebuilt when their module's
@@ -48,15 +50,18 @@ build_module() {
   echo "--- built $(basename "$outdir") in $((SECONDS - start))s"
 }
 
-# The Kubernetes release is the one tests/cluster/k8s requires.
+# The Kubernetes release is the one tests/cluster/k8s requires (scripts/build-cluster-k8s:
+# the control plane; with CLUSTER_NODE=1 also the real node, test_08_kubelet*.py).
 module_version() { (cd "$1" && go list -m -f '{{.Version}}' "$2"); }
-K8S_VERSION="$(module_version tests/cluster/k8s k8s.io/kubernetes)"
-K8S_MINOR="$(echo "$K8S_VERSION" | cut -d. -f2)"
-K8S_BIN="$OUT/kubernetes-$K8S_VERSION"
-build_module tests/cluster/k8s "$K8S_BIN" \
-  "-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$K8S_MINOR -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION" \
-  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kubectl ./cmd/etcd
+[[ "${CLUSTER_NODE:-0}" == 0 ]] && CLUSTER_NODE=""
+K8S_ENV="$(scripts/build-cluster-k8s ${CLUSTER_NODE:+--node})"
+while IFS='=' read -r key value; do
+  case "$key" in
+    CLUSTER_K8S_VERSION) K8S_VERSION="$value" ;;
+    CLUSTER_BIN_DIR) K8S_BIN="$value" ;;
+    NODE_BIN_DIR | NODE_IMAGES_DIR) export "$key=$value" ;;
+  esac
+done <<< "$K8S_ENV"
 
 # One driver per Velero version (oldest first: the tests install it, then upgrade).
 VELERO_BINS=""
@@ -139,6 +144,14 @@ export SNAPSHOT_CRDS_DIR
 echo "--- cargo build (imds-broker, fake_entra example)"
 cargo build --locked --quiet --bin imds-broker --example fake_entra
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+if [[ -n "${CLUSTER_NODE:-}" ]]; then
+  # The real node runs the shipped image (scripts/build-image: the release build, as the
+  # packaging stage makes it) for the chart's webhook pods and the injected sidecar.
+  echo "--- the imds-broker image (scripts/build-image)"
+  BROKER_IMAGE_DIR="$(realpath "$(nice -n 10 scripts/build-image | tail -n1)")"
+  BROKER_VERSION=$(sed -n '/^\[package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n1)
+  export BROKER_IMAGE="$BROKER_IMAGE_DIR/imds-broker-$BROKER_VERSION.oci.tar"
+fi
 
 echo "--- Python test driver (.venv)"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv

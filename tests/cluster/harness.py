@@ -28,9 +28,9 @@ import urllib.request
 import yaml
 
 
-def free_port():
+def free_port(address="127.0.0.1"):
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
@@ -206,14 +206,20 @@ def pods_path(ns, name=None):
 
 
 class ControlPlane:
-    def __init__(self, bin_dir, run_dir):
+    def __init__(self, bin_dir, run_dir, address="127.0.0.1", for_nodes=False):
+        """`address`: where the API server listens and what it advertises (a real node's
+        pods reach it there: tests/cluster/node). `for_nodes`: also the Node authorizer and
+        NodeRestriction (a kubelet's own credentials, as on AKS) and a client certificate
+        for calling kubelets (logs, exec)."""
         self.bin_dir = bin_dir
         self.dir = run_dir
         self.pki = os.path.join(run_dir, "pki")
         os.makedirs(self.pki, exist_ok=True)
         self.procs = []
-        self.api_port = free_port()
-        self.url = f"https://127.0.0.1:{self.api_port}"
+        self.address = address
+        self.for_nodes = for_nodes
+        self.api_port = free_port(address)
+        self.url = f"https://{address}:{self.api_port}"
         # The service-account issuer is the API server itself, as on AKS with the OIDC issuer
         # on (there the issuer URL is public; here it is the loopback address).
         self.issuer = self.url
@@ -226,7 +232,12 @@ class ControlPlane:
         d = self.pki
         make_ca(d, "ca", "cluster-test-ca")
         make_cert(d, "ca", "apiserver", "/CN=kube-apiserver",
-                  "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+                  "subjectAltName=IP:127.0.0.1,DNS:localhost"
+                  + (f",IP:{self.address}" if self.address != "127.0.0.1" else "")
+                  # In-cluster clients (pods on a real node) use the `kubernetes` Service.
+                  + (",IP:10.0.0.1,DNS:kubernetes.default.svc,DNS:kubernetes.default"
+                     if self.for_nodes else "") + "\n"
+                  "extendedKeyUsage=serverAuth\n")
         # envtest's admin: a client certificate in system:masters.
         make_cert(d, "ca", "admin", "/O=system:masters/CN=cluster-test-admin",
                   "extendedKeyUsage=clientAuth\n")
@@ -267,20 +278,28 @@ class ControlPlane:
             f"http://127.0.0.1:{etcd_port}/health", timeout=2).status == 200,
             30, proc=etcd.popen, log=etcd.log)
 
+        node_args = []
+        if self.for_nodes:
+            node_args = ["--kubelet-client-certificate", f"{p}/admin.crt",
+                         "--kubelet-client-key", f"{p}/admin.key",
+                         # Node names do not resolve here; the kubelet's address does.
+                         "--kubelet-preferred-address-types", "InternalIP"]
+        if self.address == "127.0.0.1":
+            # A loopback advertise address is refused by the endpoint reconciler of the
+            # `kubernetes` Service; nothing here reaches the API server through that Service.
+            node_args += ["--endpoint-reconciler-type", "none"]
         apiserver = Proc("kube-apiserver", [
             self.bin("kube-apiserver"),
             "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-            # A loopback advertise address is refused by the endpoint reconciler of the
-            # `kubernetes` Service; nothing here reaches the API server through that Service.
-            "--endpoint-reconciler-type", "none",
+            "--bind-address", self.address, "--advertise-address", self.address,
+            *node_args,
             "--secure-port", str(self.api_port),
             "--cert-dir", os.path.join(self.dir, "apiserver-certs"),
             "--tls-cert-file", f"{p}/apiserver.crt", "--tls-private-key-file", f"{p}/apiserver.key",
             "--client-ca-file", f"{p}/ca.crt",
             "--service-cluster-ip-range", "10.0.0.0/24",
             "--allow-privileged=true",
-            "--authorization-mode", "RBAC",
+            "--authorization-mode", "Node,RBAC" if self.for_nodes else "RBAC",
             "--service-account-issuer", self.issuer,
             "--service-account-key-file", f"{p}/sa.pub",
             "--service-account-signing-key-file", f"{p}/sa.key",
@@ -288,7 +307,8 @@ class ControlPlane:
             # rely on (ServiceAccount, PodSecurity, the webhooks).
             "--enable-admission-plugins",
             "NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultTolerationSeconds,Priority,"
-            "PodSecurity,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota",
+            "PodSecurity,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota"
+            + (",NodeRestriction" if self.for_nodes else ""),
             "--profiling=false",
             # Webhooks with a Service clientConfig (the Helm chart's) are called at the
             # Service's ready endpoints, not its ClusterIP: no kube-proxy runs here.

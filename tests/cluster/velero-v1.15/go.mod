@@ -6,6 +6,7 @@ module imds-broker/tests/cluster/velero-v1.15
 go 1.22.8
 
 require (
+	github.com/kubernetes-csi/external-snapshotter/client/v7 v7.0.0
 	github.com/sirupsen/logrus v1.9.3
 	github.com/vmware-tanzu/velero v1.15.0
 	k8s.io/api v0.29.0
@@ -93,7 +94,6 @@ require (
 	github.com/klauspost/pgzip v1.2.6 // indirect
 	github.com/klauspost/reedsolomon v1.12.1 // indirect
 	github.com/kopia/kopia v0.16.0 // indirect
-	github.com/kubernetes-csi/external-snapshotter/client/v7 v7.0.0 // indirect
 	github.com/kylelemons/godebug v1.1.0 // indirect
 	github.com/liggitt/tabwriter v0.0.0-20181228230101-89fcab3d43de // indirect
 	github.com/mailru/easyjson v0.7.7 // indirect

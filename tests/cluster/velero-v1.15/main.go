@@ -10,6 +10,12 @@
 //	    creates a BackupRepository REPO and runs the repository manager's PruneRepo, which
 //	    creates the maintenance Job (the Job controller then creates its pod) and then waits for
 //	    it to finish; the driver prints {"job": "<name>"} once the Job exists and exits
+//	velero-v1.15 expose-backup KUBECONFIG NAME SOURCE_NS SOURCE_PVC VOLUME_SNAPSHOT
+//	    creates a DataUpload NAME for the CSI VolumeSnapshot SOURCE_NS/VOLUME_SNAPSHOT of
+//	    SOURCE_PVC and runs the CSI snapshot exposer's Expose for it (the backup data-mover
+//	    pod, after the backup VolumeSnapshot, VolumeSnapshotContent and PVC); prints
+//	    {"pod": "<name>"}. Expose waits for the snapshot to be ready: whoever plays the
+//	    snapshot controller must make it so.
 package main
 
 import (
@@ -20,6 +26,7 @@ import (
 	"path/filepath"
 	"time"
 
+	snapshotterClientSet "github.com/kubernetes-csi/external-snapshotter/client/v7/clientset/versioned"
 	"github.com/sirupsen/logrus"
 	batchv1api "k8s.io/api/batch/v1"
 	corev1api "k8s.io/api/core/v1"
@@ -46,7 +53,7 @@ const veleroNamespace = "velero"
 
 func main() {
 	if len(os.Args) < 2 {
-		fail(fmt.Errorf("usage: %s velero|expose-restore|maintenance-job ...", filepath.Base(os.Args[0])))
+		fail(fmt.Errorf("usage: %s velero|expose-restore|maintenance-job|expose-backup ...", filepath.Base(os.Args[0])))
 	}
 	switch os.Args[1] {
 	case "velero":
@@ -56,6 +63,9 @@ func main() {
 	case "expose-restore":
 		need(6)
 		fail(exposeRestore(os.Args[2], os.Args[3], os.Args[4], os.Args[5]))
+	case "expose-backup":
+		need(7)
+		fail(exposeBackup(os.Args[2], os.Args[3], os.Args[4], os.Args[5], os.Args[6]))
 	case "maintenance-job":
 		need(6)
 		fail(maintenanceJob(os.Args[2], os.Args[3], os.Args[4], os.Args[5]))
@@ -210,4 +220,77 @@ func maintenanceJob(kubeconfig, repoName, volumeNS, bsl string) error {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// exposeBackup does what the v1.15 node-agent's DataUpload controller does when it accepts a
+// CSI DataUpload (the backup data mover): setupExposeParam with the server's defaults, then the
+// CSI snapshot exposer's Expose.
+func exposeBackup(kubeconfig, name, sourceNS, sourcePVC, volumeSnapshot string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	kubeClient, crClient, err := clients(kubeconfig)
+	if err != nil {
+		return err
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return err
+	}
+	snapshotClient, err := snapshotterClientSet.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	pvc, err := kubeClient.CoreV1().PersistentVolumeClaims(sourceNS).Get(ctx, sourcePVC, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("get source PVC %s/%s: %w", sourceNS, sourcePVC, err)
+	}
+	storageClass := ""
+	if pvc.Spec.StorageClassName != nil {
+		storageClass = *pvc.Spec.StorageClassName
+	}
+	du := &velerov2alpha1api.DataUpload{
+		ObjectMeta: metav1.ObjectMeta{Namespace: veleroNamespace, Name: name},
+		Spec: velerov2alpha1api.DataUploadSpec{
+			SnapshotType: velerov2alpha1api.SnapshotTypeCSI,
+			CSISnapshot: &velerov2alpha1api.CSISnapshotSpec{
+				VolumeSnapshot: volumeSnapshot,
+				StorageClass:   storageClass,
+			},
+			SourcePVC:             sourcePVC,
+			DataMover:             "velero",
+			BackupStorageLocation: "default",
+			SourceNamespace:       sourceNS,
+			OperationTimeout:      metav1.Duration{Duration: 10 * time.Minute},
+		},
+	}
+	if err := crClient.Create(ctx, du); err != nil {
+		return fmt.Errorf("create DataUpload: %w", err)
+	}
+	if err := crClient.Get(ctx, client.ObjectKeyFromObject(du), du); err != nil {
+		return err
+	}
+	accessMode := exposer.AccessModeFileSystem
+	if pvc.Spec.VolumeMode != nil && *pvc.Spec.VolumeMode == corev1api.PersistentVolumeBlock {
+		accessMode = exposer.AccessModeBlock
+	}
+	param := &exposer.CSISnapshotExposeParam{
+		SnapshotName:     du.Spec.CSISnapshot.VolumeSnapshot,
+		SourceNamespace:  du.Spec.SourceNamespace,
+		StorageClass:     du.Spec.CSISnapshot.StorageClass,
+		HostingPodLabels: map[string]string{velerov1api.DataUploadLabel: du.Name},
+		AccessMode:       accessMode,
+		OperationTimeout: du.Spec.OperationTimeout.Duration,
+		ExposeTimeout:    time.Minute,
+		VolumeSize:       pvc.Spec.Resources.Requests[corev1api.ResourceStorage],
+	}
+	// getOwnerObject
+	owner := corev1api.ObjectReference{
+		Kind: "DataUpload", Namespace: du.Namespace, Name: du.Name, UID: du.UID,
+		APIVersion: velerov2alpha1api.SchemeGroupVersion.String(),
+	}
+	if err := exposer.NewCSISnapshotExposer(kubeClient, snapshotClient.SnapshotV1(), logger()).Expose(ctx, owner, param); err != nil {
+		return fmt.Errorf("Expose: %w", err)
+	}
+	// The backup pod is named after its owner (csi_snapshot.go createBackupPod).
+	return printJSON(map[string]string{"pod": du.Name})
 }

@@ -14,6 +14,12 @@
 //	    and runs the pod-volume exposer's Expose for it (the file-system backup pod, 1.17+);
 //	    prints {"pod": "<name>"}. Expose finds the volume under /host_pods/<pod UID>/volumes/
 //	    on the machine it runs on, as the node-agent does through its host-pods mount.
+//	velero-v1.18 expose-backup KUBECONFIG NAME SOURCE_NS SOURCE_PVC VOLUME_SNAPSHOT
+//	    creates a DataUpload NAME for the CSI VolumeSnapshot SOURCE_NS/VOLUME_SNAPSHOT of
+//	    SOURCE_PVC and runs the CSI snapshot exposer's Expose for it (the backup data-mover
+//	    pod, after the backup VolumeSnapshot, VolumeSnapshotContent and PVC); prints
+//	    {"pod": "<name>"}. Expose waits for the snapshot to be ready: whoever plays the
+//	    snapshot controller must make it so.
 package main
 
 import (
@@ -24,6 +30,7 @@ import (
 	"path/filepath"
 	"time"
 
+	snapshotterClientSet "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
 	"github.com/sirupsen/logrus"
 	corev1api "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -49,7 +56,7 @@ const veleroNamespace = "velero"
 
 func main() {
 	if len(os.Args) < 2 {
-		fail(fmt.Errorf("usage: %s velero|expose-restore|maintenance-job|expose-pvb ...", filepath.Base(os.Args[0])))
+		fail(fmt.Errorf("usage: %s velero|expose-restore|maintenance-job|expose-pvb|expose-backup ...", filepath.Base(os.Args[0])))
 	}
 	switch os.Args[1] {
 	case "velero":
@@ -65,6 +72,9 @@ func main() {
 	case "expose-pvb":
 		need(7)
 		fail(exposePodVolumeBackup(os.Args[2], os.Args[3], os.Args[4], os.Args[5], os.Args[6]))
+	case "expose-backup":
+		need(7)
+		fail(exposeBackup(os.Args[2], os.Args[3], os.Args[4], os.Args[5], os.Args[6]))
 	default:
 		fail(fmt.Errorf("unknown command %q", os.Args[1]))
 	}
@@ -256,6 +266,94 @@ func exposePodVolumeBackup(kubeconfig, name, clientNS, clientPod, volume string)
 	}
 	// The hosting pod is named after its owner (pod_volume.go createHostingPod).
 	return printJSON(map[string]string{"pod": pvb.Name})
+}
+
+// exposeBackup does what the node-agent's DataUpload controller does when it accepts a CSI
+// DataUpload (the backup data mover, the pod this project exists for): setupExposeParam with
+// the default node-agent config, then the CSI snapshot exposer's Expose.
+func exposeBackup(kubeconfig, name, sourceNS, sourcePVC, volumeSnapshot string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	kubeClient, crClient, err := clients(kubeconfig)
+	if err != nil {
+		return err
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return err
+	}
+	snapshotClient, err := snapshotterClientSet.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	log := logger()
+
+	pvc, err := kubeClient.CoreV1().PersistentVolumeClaims(sourceNS).Get(ctx, sourcePVC, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("get source PVC %s/%s: %w", sourceNS, sourcePVC, err)
+	}
+	storageClass := ""
+	if pvc.Spec.StorageClassName != nil {
+		storageClass = *pvc.Spec.StorageClassName
+	}
+	du := &velerov2alpha1api.DataUpload{
+		ObjectMeta: metav1.ObjectMeta{Namespace: veleroNamespace, Name: name},
+		Spec: velerov2alpha1api.DataUploadSpec{
+			SnapshotType: velerov2alpha1api.SnapshotTypeCSI,
+			CSISnapshot: &velerov2alpha1api.CSISnapshotSpec{
+				VolumeSnapshot: volumeSnapshot,
+				StorageClass:   storageClass,
+			},
+			SourcePVC:             sourcePVC,
+			DataMover:             "velero",
+			BackupStorageLocation: "default",
+			SourceNamespace:       sourceNS,
+			OperationTimeout:      metav1.Duration{Duration: 10 * time.Minute},
+		},
+	}
+	if err := crClient.Create(ctx, du); err != nil {
+		return fmt.Errorf("create DataUpload: %w", err)
+	}
+	if err := crClient.Get(ctx, client.ObjectKeyFromObject(du), du); err != nil {
+		return err
+	}
+
+	// setupExposeParam (data_upload_controller.go) with the server's defaults.
+	nodeOS := kube.GetPVCAttachingNodeOS(pvc, kubeClient.CoreV1(), kubeClient.StorageV1(), log)
+	if err := kube.HasNodeWithOS(ctx, nodeOS, kubeClient.CoreV1()); err != nil {
+		return fmt.Errorf("no node for the data upload: %w", err)
+	}
+	accessMode := exposer.AccessModeFileSystem
+	if pvc.Spec.VolumeMode != nil && *pvc.Spec.VolumeMode == corev1api.PersistentVolumeBlock {
+		accessMode = exposer.AccessModeBlock
+	}
+	labels, annotations, tolerations := thirdPartyPodMeta(ctx, kubeClient, du.Namespace, nodeOS,
+		velerov1api.DataUploadLabel, du.Name)
+	param := &exposer.CSISnapshotExposeParam{
+		SnapshotName:          du.Spec.CSISnapshot.VolumeSnapshot,
+		SourceNamespace:       du.Spec.SourceNamespace,
+		SourcePVCName:         pvc.Name,
+		SourcePVName:          pvc.Spec.VolumeName,
+		StorageClass:          du.Spec.CSISnapshot.StorageClass,
+		HostingPodLabels:      labels,
+		HostingPodAnnotations: annotations,
+		HostingPodTolerations: tolerations,
+		AccessMode:            accessMode,
+		OperationTimeout:      du.Spec.OperationTimeout.Duration,
+		ExposeTimeout:         time.Minute,
+		VolumeSize:            pvc.Spec.Resources.Requests[corev1api.ResourceStorage],
+		NodeOS:                nodeOS,
+	}
+	// getOwnerObject
+	owner := corev1api.ObjectReference{
+		Kind: "DataUpload", Namespace: du.Namespace, Name: du.Name, UID: du.UID,
+		APIVersion: velerov2alpha1api.SchemeGroupVersion.String(),
+	}
+	if err := exposer.NewCSISnapshotExposer(kubeClient, snapshotClient.SnapshotV1(), log).Expose(ctx, owner, param); err != nil {
+		return fmt.Errorf("Expose: %w", err)
+	}
+	// The backup pod is named after its owner (csi_snapshot.go createBackupPod).
+	return printJSON(map[string]string{"pod": du.Name})
 }
 
 // maintenanceJob does what the BackupRepository controller does when maintenance is due.
