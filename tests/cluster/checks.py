@@ -1,12 +1,11 @@
 """Assertions on pods as the API server stored them."""
 
-import base64
 import copy
 import json
 import os
 import time
 
-from harness import ApiError, free_port, pods_path, wait_for
+from harness import ApiError, pods_path, wait_for
 
 SIDECAR = "imds-broker"
 TOKEN_AUDIENCE = "api://AzureADTokenExchange"
@@ -161,65 +160,3 @@ def elapsed(fn):
         return fn(), None, time.monotonic() - start
     except ApiError as e:
         return None, e, time.monotonic() - start
-
-
-# ---------------------------------------------------------------------------------------------
-# kubelet's part for a chart's webhook Deployment (no kubelet runs here): one of its pods bound
-# and Ready at an address of this host, where `imds-broker webhook` runs as the pod would
-# (test_04_helm.py's steps, for any release and namespace).
-
-
-def make_one_pod_ready(api, ns, selector, ip, node="node-1"):
-    """One of the pods matching `selector` (made by the ReplicaSet controller) bound to `node`
-    and marked Ready at `ip`. Returns its name: it is bound, so deleting it needs kubelet's
-    confirmation too (delete_pod: grace period 0)."""
-    pods = wait_for(f"pods {ns}/{selector}", lambda: api.get(
-        pods_path(ns), query={"labelSelector": selector})["items"] or None, 60)
-    pod = pods[0]
-    name = pod["metadata"]["name"]
-    api.post(f"{pods_path(ns, name)}/binding", {
-        "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-        "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
-    containers = pod["spec"]["containers"]
-    api.patch(f"{pods_path(ns, name)}/status", {"status": {
-        "phase": "Running", "hostIP": ip, "podIP": ip, "podIPs": [{"ip": ip}],
-        "conditions": [{"type": t, "status": "True"} for t in
-                       ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
-        "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": True,
-                               "restartCount": 0, "started": True,
-                               "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
-                              for c in containers]}})
-    return name
-
-
-def start_webhook_as_deployed(cluster, ns, deployment, secret_name, ip, name):
-    """`imds-broker webhook` with the stored Deployment's args and env, the Secret `secret_name`
-    (the chart's or cert-manager's) as its certificate and the Deployment's ServiceAccount as its
-    API identity; on ip:<the pod's https port>. Returns (process, container)."""
-    api = cluster.api
-    dep = api.get(f"/apis/apps/v1/namespaces/{ns}/deployments/{deployment}")
-    spec = dep["spec"]["template"]["spec"]
-    container = spec["containers"][0]
-    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "https")
-    secret = api.get(f"/api/v1/namespaces/{ns}/secrets/{secret_name}")
-    tls = os.path.join(cluster.dir, f"{name}-tls")
-    os.makedirs(tls, exist_ok=True)
-    for key in ("tls.crt", "tls.key"):
-        cluster.cp.write_secret_file(f"{name}-tls/{key}",
-                                     base64.b64decode(secret["data"][key]).decode())
-    token = cluster.cp.write_secret_file(
-        f"{name}-sa.token", cluster.cp.token_request(ns, spec["serviceAccountName"]))
-    proc = cluster.run_webhook(name, container, listen=f"{ip}:{port}", admin_port=free_port(),
-                               tls_dir=tls, token_file=token)
-    return proc, container
-
-
-def wait_endpoint_ready(api, ns, service, ip):
-    """The Service's EndpointSlice lists `ip` as ready (the API server calls the webhook there)."""
-    def ready():
-        slices = api.get(f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
-                         query={"labelSelector": f"kubernetes.io/service-name={service}"})["items"]
-        return any(ip in ep["addresses"] and ep.get("conditions", {}).get("ready")
-                   for s in slices for ep in s.get("endpoints") or [])
-    wait_for(f"the Service {ns}/{service}'s endpoint at {ip}", ready, 60)
-

@@ -39,10 +39,9 @@ import pytest
 import yaml
 
 import guide
-from checks import (SIDECAR, assert_injected, delete_pod, get_if_exists, make_one_pod_ready,
-                    start_webhook_as_deployed, token_volumes, wait_endpoint_ready, wait_pod)
+from checks import SIDECAR, assert_injected, delete_pod, get_if_exists, token_volumes, wait_pod
 from conftest import ROOT, VELERO_NS, env_path, velero_bins
-from harness import ApiError, pods_path, wait_for
+from harness import make_pod_ready, pods_path, wait_for, wait_for_ready_endpoint
 
 GUIDE = os.path.join(ROOT, "docs", "velero-on-aks.md")
 try:
@@ -641,12 +640,11 @@ def sidecar_guide(node_removed, cluster, chart_repo, request):
         wait_for("the caBundle injected into every webhook", lambda: all(
             h["clientConfig"].get("caBundle") == ca
             for h in api.get(f"{MWC}/imds-broker")["webhooks"]), 120, interval=0.3)
-        state["pod"] = make_one_pod_ready(api, WEBHOOK_NS,
-                                          "app.kubernetes.io/instance=imds-broker", local_ip)
-        state["webhook"], _ = start_webhook_as_deployed(cluster, WEBHOOK_NS, WEBHOOK,
-                                                        f"{WEBHOOK}-tls", local_ip,
-                                                        "imds-broker-webhook-guide")
-        wait_endpoint_ready(api, WEBHOOK_NS, WEBHOOK, local_ip)
+        state["pod"] = make_pod_ready(api, WEBHOOK_NS,
+                                      "app.kubernetes.io/instance=imds-broker", local_ip)
+        state["webhook"], *_ = cluster.run_webhook_as_deployed(
+            "imds-broker-webhook-guide", WEBHOOK_NS, WEBHOOK, local_ip)
+        wait_for_ready_endpoint(api, WEBHOOK_NS, WEBHOOK, local_ip)
 
     def server_pod_created():
         """The seconds a reader takes to type the check: the ReplicaSet controller's pod."""
