@@ -21,8 +21,14 @@ fuzz_target!(|data: &[u8]| {
     let (out, refused) = match inject(reviewer, text) {
         Ok(done) => done,
         Err(e) => {
+            // The header is the webhook's secret: an error never reveals it. An input that
+            // already holds the string (a key of an earlier output, say) may see it quoted in
+            // the error's path; that reveals nothing the caller did not write.
             let message = format!("{e:#}");
-            assert!(!message.contains(IDENTITY_HEADER), "secret in: {message}");
+            assert!(
+                !message.contains(IDENTITY_HEADER) || text.contains(IDENTITY_HEADER),
+                "secret in: {message}"
+            );
             return;
         }
     };
