@@ -160,3 +160,25 @@ def elapsed(fn):
         return fn(), None, time.monotonic() - start
     except ApiError as e:
         return None, e, time.monotonic() - start
+
+
+def normalized(entries):
+    """Env entries as the API server stores them (it defaults fieldRef.apiVersion to v1)."""
+    out = json.loads(json.dumps(entries))
+    for e in out:
+        field = (e.get("valueFrom") or {}).get("fieldRef")
+        if field is not None:
+            field.setdefault("apiVersion", "v1")
+    return out
+
+
+def create_annotated_velero_sa(api, ns, entra):
+    """Namespace `ns` and its ServiceAccount velero-server annotated with the fake Entra's
+    client and tenant IDs, as docs/velero-on-aks.md's ServiceAccount annotations."""
+    api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                    "metadata": {"name": ns}})
+    api.post(f"/api/v1/namespaces/{ns}/serviceaccounts", {
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "velero-server", "annotations": {
+            "azure.workload.identity/client-id": entra["client_id"],
+            "azure.workload.identity/tenant-id": entra["tenant_id"]}}})

@@ -21,8 +21,8 @@ import subprocess
 
 import pytest
 
-from checks import (assert_injected, assert_untouched, create_pod, env_of, fixture_pod,
-                    get_if_exists)
+from checks import (assert_injected, assert_untouched, create_annotated_velero_sa, create_pod,
+                    env_of, fixture_pod, get_if_exists)
 from conftest import env_path
 from harness import make_pod_ready, wait_for_ready_endpoint
 
@@ -48,14 +48,7 @@ def local_ip(local_addresses):
 @pytest.fixture(scope="module")
 def installed(cluster, helm, local_ip):
     api = cluster.api
-    api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                    "metadata": {"name": APP_NS}})
-    # The Velero ServiceAccount of this namespace, annotated as docs/velero-on-aks.md says.
-    api.post(f"/api/v1/namespaces/{APP_NS}/serviceaccounts", {
-        "apiVersion": "v1", "kind": "ServiceAccount",
-        "metadata": {"name": "velero-server", "annotations": {
-            "azure.workload.identity/client-id": cluster.entra["client_id"],
-            "azure.workload.identity/tenant-id": cluster.entra["tenant_id"]}}})
+    create_annotated_velero_sa(api, APP_NS, cluster.entra)
     out = helm("install", RELEASE, CHART, "-n", NS, "--create-namespace", *VALUES, "-o", "json")
     state = {"release": json.loads(out)}
     try:

@@ -30,7 +30,7 @@ import subprocess
 import pytest
 import yaml
 
-from checks import (SIDECAR, ensure_namespace, get_if_exists, make_target_pvc, token_volumes,
+from checks import (SIDECAR, normalized, ensure_namespace, get_if_exists, make_target_pvc, token_volumes,
                     wait_pod)
 from conftest import ROOT, VELERO_NS, velero_bins
 from harness import ApiError, pods_path, wait_for
@@ -114,16 +114,6 @@ def printed_entries(fmt, text):
     if fmt == "helm-legacy":
         return [{"name": k, "value": values[k]} for k in sorted(values)]
     return values
-
-
-def normalized(entries):
-    """Env entries as the API server stores them (it defaults fieldRef.apiVersion to v1)."""
-    out = json.loads(json.dumps(entries))
-    for e in out:
-        field = (e.get("valueFrom") or {}).get("fieldRef")
-        if field is not None:
-            field.setdefault("apiVersion", "v1")
-    return out
 
 
 def run_kubectl_lines(cluster, text):

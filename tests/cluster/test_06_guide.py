@@ -39,7 +39,8 @@ import pytest
 import yaml
 
 import guide
-from checks import SIDECAR, assert_injected, delete_pod, get_if_exists, token_volumes, wait_pod
+from checks import (SIDECAR, assert_injected, delete_pod, get_if_exists, normalized,
+                    token_volumes, wait_pod)
 from conftest import ROOT, VELERO_NS, env_path, velero_bins
 from harness import make_pod_ready, pods_path, wait_for, wait_for_ready_endpoint
 
@@ -534,16 +535,6 @@ def test_node_check_block_shows_the_env_on_both_templates(node_guide, cluster):
         # "prints HOST_IP IDENTITY_ENDPOINT IDENTITY_HEADER for both (after Velero's own entries)"
         assert names[-3:] == ["HOST_IP", "IDENTITY_ENDPOINT", "IDENTITY_HEADER"], names
         assert names == [e["name"] for e in container0(obj)["env"]]
-
-
-def normalized(entries):
-    """Env entries as the API server stores them (fieldRef.apiVersion defaulted to v1)."""
-    out = json.loads(json.dumps(entries))
-    for e in out:
-        field = (e.get("valueFrom") or {}).get("fieldRef")
-        if field is not None:
-            field.setdefault("apiVersion", "v1")
-    return out
 
 
 def shipped_node_env():

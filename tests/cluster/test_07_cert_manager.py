@@ -22,7 +22,8 @@ import urllib.request
 
 import pytest
 
-from checks import assert_injected, create_pod, ensure_namespace, fixture_pod, get_if_exists
+from checks import (assert_injected, create_annotated_velero_sa, create_pod, ensure_namespace,
+                    fixture_pod, get_if_exists)
 from conftest import ROOT, run_helm
 from harness import (ApiError, make_pod_ready, project_secret, served_certificate, verify_chain,
                      wait_for, wait_for_ready_endpoint, x509_fields)
@@ -56,13 +57,7 @@ def unb64(data):
 def release(cluster, cert_manager, local_addresses):
     api = cluster.api
     local_addresses.add(LOCAL_IP)
-    api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                    "metadata": {"name": APP_NS}})
-    api.post(f"/api/v1/namespaces/{APP_NS}/serviceaccounts", {
-        "apiVersion": "v1", "kind": "ServiceAccount",
-        "metadata": {"name": "velero-server", "annotations": {
-            "azure.workload.identity/client-id": cluster.entra["client_id"],
-            "azure.workload.identity/tenant-id": cluster.entra["tenant_id"]}}})
+    create_annotated_velero_sa(api, APP_NS, cluster.entra)
     out = run_helm(cluster, "install", RELEASE, CHART_DIR, "-n", NS, "--create-namespace",
                    *VALUES, "-o", "json")
     state = {"release": json.loads(out), "cm": cert_manager}
